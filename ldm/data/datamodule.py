@@ -1,0 +1,104 @@
+"""ImageDataModule: one LightningDataModule over any Source, with a deterministic train/val split."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ldm.data.sources import Source
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded random permutation cut into (train, val) index lists: disjoint and reproducible."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n_val == 0:
+        n_val = 1
+    return perm[n_val:], perm[:n_val]
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Serves dict batches `{"image": (B, C, H, W) in [-1, 1], "label": (B,)}` from one Source.
+
+    `num_channels`, `image_size` and `num_classes` are declared in the data config (so model configs
+    can interpolate them before any data is read) and checked against the data at `setup()`.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        name: str,
+        image_size: int,
+        num_channels: int,
+        num_classes: int | None,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        drop_last: bool = True,
+    ):
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size={batch_size} must be positive")
+        self.source, self.name = source, name
+        self.image_size, self.num_channels, self.num_classes = image_size, num_channels, num_classes
+        self.batch_size, self.val_fraction, self.split_seed = batch_size, val_fraction, split_seed
+        self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.full_dataset: Dataset | None = None
+        self.train_dataset: Subset | None = None
+        self.val_dataset: Subset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.full_dataset is not None:
+            return
+        full = self.source.build()
+        self.check_declared_shape(full)
+        train_idx, val_idx = split_indices(len(full), self.val_fraction, self.split_seed)
+        self.full_dataset = full
+        self.train_dataset, self.val_dataset = Subset(full, train_idx), Subset(full, val_idx)
+
+    def check_declared_shape(self, dataset: Dataset) -> None:
+        """Fail early, naming the config key, when the data disagrees with the declared shape."""
+        item = dataset[0]
+        x = item.get("image", item.get("latent"))
+        if "image" in item:
+            if x.shape[0] != self.num_channels:
+                raise ValueError(f"data.num_channels={self.num_channels} but the images have {x.shape[0]} channels")
+            if tuple(x.shape[1:]) != (self.image_size, self.image_size):
+                raise ValueError(f"data.image_size={self.image_size} but the images are {tuple(x.shape[1:])}")
+        has_labels = "label" in item
+        if has_labels != (self.num_classes is not None):
+            raise ValueError(
+                f"data.num_classes={self.num_classes} but the source {'has' if has_labels else 'has no'} labels"
+            )
+
+    def fingerprint(self) -> str:
+        """Identifies the exact data and split (used to key caches: FID statistics, latents)."""
+        self.setup()
+        return f"{self.source.fingerprint(self.full_dataset)}-v{self.val_fraction}-s{self.split_seed}"
+
+    def loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.train_dataset, shuffle=True, drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -25,6 +25,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     `num_channels`, `image_size` and `num_classes` are declared in the data config (so model configs
     can interpolate them before any data is read) and checked against the data at `setup()`.
+    `root` and `download` are the user-facing keys of file-based sources (`data.root=...`,
+    `data.download=true`); their configs interpolate them into the source.
     """
 
     def __init__(
@@ -41,11 +43,14 @@ class ImageDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         drop_last: bool = True,
+        root: str | None = None,
+        download: bool = False,
     ):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"data.batch_size={batch_size} must be positive")
         self.source, self.name = source, name
+        self.root, self.download = root, download
         self.image_size, self.num_channels, self.num_classes = image_size, num_channels, num_classes
         self.batch_size, self.val_fraction, self.split_seed = batch_size, val_fraction, split_seed
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last

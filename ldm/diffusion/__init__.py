@@ -1,5 +1,24 @@
 """Diffusion math in plain torch: noise schedules (schedules.py) and samplers (samplers.py)."""
 
+from ldm.diffusion.samplers import (
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverSampler,
+    Sampler,
+    build_sampler,
+    guided_prediction,
+    sampling_timesteps,
+)
 from ldm.diffusion.schedules import NoiseSchedule, convert_prediction
 
-__all__ = ["NoiseSchedule", "convert_prediction"]
+__all__ = [
+    "DDIMSampler",
+    "DDPMSampler",
+    "DPMSolverSampler",
+    "NoiseSchedule",
+    "Sampler",
+    "build_sampler",
+    "convert_prediction",
+    "guided_prediction",
+    "sampling_timesteps",
+]

@@ -1,0 +1,288 @@
+"""Reverse-diffusion samplers (DDPM, DDIM, DPM-Solver++ 2M) over any model_fn and a NoiseSchedule.
+
+Every sampler has the same call signature
+
+    sampler(model_fn, x_T, *, cond=None, uncond=None, guidance_scale=1.0, generator=None,
+            callback=None) -> x0
+
+where `model_fn(x_t, t, **cond)` returns the schedule's prediction type and `t` is a LongTensor (B,)
+of training timesteps. Samplers hold no device: coefficients are Python floats (float64) computed
+once from the schedule at construction, so they follow x_T's device and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ldm.diffusion.schedules import NoiseSchedule, convert_prediction
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+ModelFn = Callable[..., Tensor]
+Callback = Callable[[int, int, Tensor, Tensor], None]
+
+
+def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> Tensor:
+    """Descending training timesteps visited by an `steps`-step sampler, LongTensor (steps,).
+
+    Definitions of diffusers' DDIMScheduler/DDPMScheduler.set_timesteps (Lin et al. 2023, Table 2):
+      linspace: round(linspace(0, T - 1, steps)) reversed (both ends included);
+      leading:  arange(steps) * (T // steps) reversed (ends at 0; never starts at T - 1 if steps > 1);
+      trailing: round(T - i * T / steps) - 1, i = 0..steps-1 (always starts at T - 1).
+    For trailing, diffusers uses np.arange(T, 0, -T / steps), whose float length sometimes gives one
+    extra, negative timestep (e.g. T = 1000, steps = 61); the values here are that array's first
+    `steps` entries.
+    """
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(
+            f"unknown timestep_spacing {spacing!r}; valid: {', '.join(map(repr, TIMESTEP_SPACINGS))}"
+        )
+    if not 0 < steps <= num_timesteps:
+        raise ValueError(f"steps must be in 1..{num_timesteps} (the schedule's num_timesteps), got {steps}")
+    if spacing == "linspace":
+        ts = np.linspace(0, num_timesteps - 1, steps).round()[::-1]
+    elif spacing == "leading":
+        ts = (np.arange(steps) * (num_timesteps // steps))[::-1]
+    else:
+        ts = np.round(num_timesteps - np.arange(steps) * (num_timesteps / steps)) - 1
+    return torch.from_numpy(ts.astype(np.int64).copy())
+
+
+def guided_prediction(
+    model_fn: ModelFn,
+    x_t: Tensor,
+    t: Tensor,
+    cond: Mapping[str, Any] | None,
+    uncond: Mapping[str, Any] | None,
+    guidance_scale: float,
+) -> Tensor:
+    """Model output with classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598, eq. 6).
+
+    pred = uncond_pred + s * (cond_pred - uncond_pred), evaluated as one batched call of size 2B
+    (first half unconditional). The combination is affine with weights summing to one, so it gives
+    the same sampler update whichever prediction type (eps, x0, v) the model outputs. With s = 1
+    (or no `uncond`) it is the plain conditional call. The one place guidance lives.
+    """
+    cond = dict(cond or {})
+    if guidance_scale == 1.0:
+        return model_fn(x_t, t, **cond)
+    if uncond is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs `uncond` (the null condition); got None")
+    uncond = dict(uncond)
+    if set(uncond) != set(cond):
+        raise ValueError(f"uncond keys {sorted(uncond)} must equal cond keys {sorted(cond)}")
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}  # each (2B, ...)
+    out = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), **both)  # (2B, ...)
+    out_uncond, out_cond = out.chunk(2)  # (B, ...) each
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like x on x's device/dtype; drawn on the generator's device
+    (a CPU generator with a CUDA x draws on CPU, like diffusers' randn_tensor)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+class Sampler:
+    """Shared loop of the samplers: timesteps, guidance, x0/eps from the model output, callback.
+
+    Subclasses implement `step(i, x_t, x0, eps, generator, state) -> (x_prev, state)`, moving
+    from timesteps[i] to timesteps[i + 1] (to clean data, alphas_cumprod = 1, after the last one).
+    `clip_x0` clamps predicted x0 to [-clip_x0, clip_x0] (off by default: latents are unbounded).
+    """
+
+    name = "base"
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        steps: int,
+        timestep_spacing: str = "trailing",
+        clip_x0: float | None = None,
+    ):
+        self.schedule = schedule
+        self.prediction_type = schedule.prediction_type
+        self.steps = int(steps)
+        self.timestep_spacing = timestep_spacing
+        self.timesteps = sampling_timesteps(schedule.num_timesteps, self.steps, timestep_spacing)
+        if clip_x0 is not None and not clip_x0 > 0:
+            raise ValueError(f"clip_x0 must be None or > 0, got {clip_x0}")
+        self.clip_x0 = clip_x0
+        ac = schedule.alphas_cumprod.detach().to("cpu", torch.float64)
+        # alphas_cumprod at each visited timestep and at the one after it (1.0 = clean data).
+        self.abar = ac[self.timesteps].tolist()
+        self.abar_prev = [*self.abar[1:], 1.0]
+
+    @property
+    def nfe(self) -> int:
+        """Model evaluations per sample (one call per step; with guidance each call has batch 2B)."""
+        return self.steps
+
+    def __repr__(self) -> str:
+        ts = self.timesteps.tolist()
+        shown = ts if len(ts) <= 6 else [*ts[:3], "...", *ts[-2:]]
+        return (
+            f"{type(self).__name__}(steps={self.steps}, timestep_spacing={self.timestep_spacing!r}"
+            f"{self._extra_repr()}, prediction_type={self.prediction_type!r}, clip_x0={self.clip_x0}, "
+            f"timesteps=[{', '.join(map(str, shown))}])"
+        )
+
+    def _extra_repr(self) -> str:
+        return ""
+
+    def x0_eps(self, i: int, x_t: Tensor, pred: Tensor) -> tuple[Tensor, Tensor]:
+        """x0 and eps implied by the model output at step i (eps re-derived from clipped x0)."""
+        alpha, sigma = math.sqrt(self.abar[i]), math.sqrt(1 - self.abar[i])
+        x0 = convert_prediction(pred, x_t, alpha, sigma, self.prediction_type, "x0")
+        if self.clip_x0 is not None:
+            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+            return x0, convert_prediction(x0, x_t, alpha, sigma, "x0", "eps")
+        return x0, convert_prediction(pred, x_t, alpha, sigma, self.prediction_type, "eps")
+
+    def step(
+        self, i: int, x_t: Tensor, x0: Tensor, eps: Tensor, generator: torch.Generator | None, state: Any
+    ) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        model_fn: ModelFn,
+        x_T: Tensor,
+        *,
+        cond: Mapping[str, Any] | None = None,
+        uncond: Mapping[str, Any] | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+    ) -> Tensor:
+        """Run the reverse process from x_T (B, ...) and return the final sample x0 (B, ...).
+
+        `callback(i, t, x_t, x0_pred)` is called at each step with the sample that entered the
+        model at timestep t and the x0 predicted from it.
+        """
+        x, state = x_T, None
+        for i, t in enumerate(self.timesteps.tolist()):
+            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
+            pred = guided_prediction(model_fn, x, t_batch, cond, uncond, guidance_scale)
+            x0, eps = self.x0_eps(i, x, pred)
+            if callback is not None:
+                callback(i, t, x, x0)
+            x, state = self.step(i, x, x0, eps, generator, state)
+        return x
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampling of DDPM (Ho et al. 2020, Algorithm 2) with the posterior variance.
+
+    Each step samples q(x_prev | x_t, x0 = x0_pred) (eqs. 6-7): mean
+    sqrt(abar_prev) beta_t / (1 - abar_t) x0 + sqrt(1 - beta_t) (1 - abar_prev) / (1 - abar_t) x_t,
+    variance (1 - abar_prev) / (1 - abar_t) beta_t. Fewer than T steps use the respacing of
+    Nichol & Dhariwal 2021 (Sec. 4): the betas of the visited subsequence are recomputed as
+    beta_t = 1 - abar_t / abar_prev. The last step (to abar = 1) returns x0_pred without noise.
+    """
+
+    name = "ddpm"
+
+    def step(self, i, x_t, x0, eps, generator, state):
+        abar, abar_prev = self.abar[i], self.abar_prev[i]
+        beta = 1 - abar / abar_prev  # respaced beta between the two visited timesteps
+        coef_x0 = math.sqrt(abar_prev) * beta / (1 - abar)
+        coef_xt = math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+        mean = coef_x0 * x0 + coef_xt * x_t
+        variance = (1 - abar_prev) / (1 - abar) * beta
+        if variance > 0:
+            mean = mean + math.sqrt(variance) * _randn_like(x_t, generator)
+        return mean, None
+
+
+class DDIMSampler(Sampler):
+    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12 with sigma of eq. 16).
+
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
+    eta = 0 is the deterministic DDIM, eta = 1 the DDPM posterior variance. The last step goes to
+    abar = 1 and returns x0_pred (diffusers' DDIMScheduler with set_alpha_to_one=True).
+    """
+
+    name = "ddim"
+
+    def __init__(self, schedule, steps, eta: float = 0.0, timestep_spacing="trailing", clip_x0=None):
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        super().__init__(schedule, steps, timestep_spacing, clip_x0)
+        self.eta = float(eta)
+
+    def _extra_repr(self):
+        return f", eta={self.eta}"
+
+    def step(self, i, x_t, x0, eps, generator, state):
+        abar, abar_prev = self.abar[i], self.abar_prev[i]
+        sigma = self.eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+        x_prev = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x_prev = x_prev + sigma * _randn_like(x_t, generator)
+        return x_prev, None
+
+
+class DPMSolverSampler(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", arXiv 2211.01095, Algorithm 2).
+
+    Multistep second-order solver of the diffusion ODE in data prediction x0 and half-log-SNR
+    lambda = log(alpha / sigma), alpha = sqrt(abar), sigma = sqrt(1 - abar). From s to t with
+    h = lambda_t - lambda_s and r = h_prev / h:
+        D = (1 + 1 / (2 r)) x0_s - 1 / (2 r) x0_prev        (first step: D = x0_s)
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (exp(-h) - 1) D.
+    The last step lands on clean data (sigma = 0, lambda = inf) and is first-order, giving x0_s;
+    this is what diffusers' lower_order_final (used there when steps < 15) and final_sigmas_type
+    "zero" do for a second-order multistep solver, so here it holds for every step count.
+    Deterministic: `generator` is unused.
+    """
+
+    name = "dpm_solver"
+
+    def __init__(self, schedule, steps, timestep_spacing="trailing", clip_x0=None):
+        super().__init__(schedule, steps, timestep_spacing, clip_x0)
+        ac = torch.tensor(self.abar, dtype=torch.float64)
+        # lambda = -inf where abar = 0 (zero terminal SNR); the update below stays finite there.
+        self.lambdas = (0.5 * (ac.log() - (1 - ac).log())).tolist()
+
+    def step(self, i, x_t, x0, eps, generator, state):
+        if i == self.steps - 1:  # to sigma = 0: the first-order update is x0 itself
+            return x0, x0
+        abar, abar_next = self.abar[i], self.abar_prev[i]
+        alpha_t, sigma_t = math.sqrt(abar_next), math.sqrt(1 - abar_next)
+        sigma_s = math.sqrt(1 - abar)
+        h = self.lambdas[i + 1] - self.lambdas[i]
+        d = x0
+        if state is not None:
+            h_prev = self.lambdas[i] - self.lambdas[i - 1]
+            half_inv_r = 0.5 * h / h_prev  # 1 / (2 r); 0 when the previous step started at SNR 0
+            d = (1 + half_inv_r) * x0 - half_inv_r * state
+        x_next = (sigma_t / sigma_s) * x_t - alpha_t * math.expm1(-h) * d
+        return x_next, x0
+
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    "ddpm": DDPMSampler,
+    "ddim": DDIMSampler,
+    "dpm_solver": DPMSolverSampler,
+}
+
+
+def build_sampler(name: str, schedule: NoiseSchedule, steps: int = 50, **kwargs: Any) -> Sampler:
+    """Build a sampler by name ("ddpm", "ddim", "dpm_solver"); kwargs go to its class
+    (timestep_spacing, clip_x0; eta for ddim). Used by the Hydra `sampler` group (`_partial_`)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(map(repr, SAMPLERS))}")
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise ValueError(f"steps must be an int, got {steps!r}")
+    if not 0 < steps <= schedule.num_timesteps:
+        raise ValueError(f"steps must be in 1..{schedule.num_timesteps} (the schedule's num_timesteps), got {steps}")
+    return SAMPLERS[name](schedule, steps, **kwargs)

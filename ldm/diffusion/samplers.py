@@ -13,6 +13,7 @@ once from the schedule at construction, so they follow x_T's device and dtype.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,12 +29,13 @@ Callback = Callable[[int, int, Tensor, Tensor], None]
 
 
 def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> Tensor:
-    """Descending training timesteps visited by an `steps`-step sampler, LongTensor (steps,).
+    """Descending training timesteps visited by a sampler of `steps` steps, LongTensor (steps,).
 
     Definitions of diffusers' DDIMScheduler/DDPMScheduler.set_timesteps (Lin et al. 2023, Table 2):
-      linspace: round(linspace(0, T - 1, steps)) reversed (both ends included);
-      leading:  arange(steps) * (T // steps) reversed (ends at 0; never starts at T - 1 if steps > 1);
-      trailing: round(T - i * T / steps) - 1, i = 0..steps-1 (always starts at T - 1).
+      linspace: round(linspace(0, T - 1, steps)) reversed (both ends included; [0] for steps = 1);
+      leading:  arange(steps) * (T // steps) reversed (ends at 0; starts below T - 1 unless steps = T);
+      trailing: round(T - i * T / steps) - 1, i = 0..steps-1 (always starts at T - 1; the default,
+                which Lin et al. recommend since the first step then sees the noisiest timestep).
     For trailing, diffusers uses np.arange(T, 0, -T / steps), whose float length sometimes gives one
     extra, negative timestep (e.g. T = 1000, steps = 61); the values here are that array's first
     `steps` entries.
@@ -281,8 +283,6 @@ def build_sampler(name: str, schedule: NoiseSchedule, steps: int = 50, **kwargs:
     (timestep_spacing, clip_x0; eta for ddim). Used by the Hydra `sampler` group (`_partial_`)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(map(repr, SAMPLERS))}")
-    if isinstance(steps, bool) or not isinstance(steps, int):
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise ValueError(f"steps must be an int, got {steps!r}")
-    if not 0 < steps <= schedule.num_timesteps:
-        raise ValueError(f"steps must be in 1..{schedule.num_timesteps} (the schedule's num_timesteps), got {steps}")
-    return SAMPLERS[name](schedule, steps, **kwargs)
+    return SAMPLERS[name](schedule, int(steps), **kwargs)  # the range check is sampling_timesteps'

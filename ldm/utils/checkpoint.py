@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ from ldm.utils.errors import UserError
 
 STAGES = ("autoencoder", "diffusion")
 
+# torch's weights-only unpickler names the refused global inside a long multi-line message.
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: (GLOBAL [\w.]+)")
+
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
@@ -23,27 +27,53 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_checkpoint(path: str | Path, expected_stage: str | None = None) -> dict[str, Any]:
-    """Load a checkpoint with `torch.load(weights_only=True)`: pickled code is refused, never run.
+def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)` on CPU with one-line UserErrors.
+
+    Pickled code (a `__reduce__` payload, any class outside torch's allowlist) is refused before it
+    runs. `mmap=True` maps tensors lazily, so reading only the stored config of a big file is cheap.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused:
+            raise UserError(
+                f"{what} {str(path)!r} holds pickled objects other than tensors and plain data "
+                f"({refused.group(1)}); refused, nothing in it was run"
+            ) from err
+        raise UserError(f"{what} {str(path)!r} is not a torch checkpoint (unreadable pickle)") from err
+    except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile, OSError) as err:
+        # RuntimeError: truncated zip; EOFError: empty; KeyError: text or other foreign bytes.
+        raise UserError(
+            f"{what} {str(path)!r} is truncated or not a torch checkpoint ({type(err).__name__})"
+        ) from err
+
+
+def load_checkpoint(
+    path: str | Path, expected_stage: str | None = None, mmap: bool = False
+) -> dict[str, Any]:
+    """Load an ldm checkpoint with `torch.load(weights_only=True)`: pickled code is refused, never run.
 
     Checks that the file is an ldm checkpoint (it carries `checkpoint["ldm"]` with the stage and the
     resolved config) and, when `expected_stage` is given, that it is of that stage.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"checkpoint {str(path)!r} holds objects other than tensors and plain data; refused ({first})") from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise UserError(f"checkpoint {str(path)!r} is truncated or not a torch checkpoint ({type(err).__name__})") from err
+    ckpt = read_torch_file(path, mmap=mmap)
+    path = str(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "ldm" not in ckpt:
-        raise UserError(f"{str(path)!r} is not an ldm checkpoint (no 'state_dict'/'ldm' entries)")
-    stage = ckpt["ldm"].get("stage")
+        raise UserError(f"{path!r} is not an ldm checkpoint (no 'state_dict'/'ldm' entries)")
+    meta = ckpt["ldm"]
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise UserError(f"{path!r} is not an ldm checkpoint (its 'ldm' entry has no config)")
+    stage = meta.get("stage")
     if stage not in STAGES:
-        raise UserError(f"{str(path)!r} names an unknown stage {stage!r}")
+        raise UserError(f"{path!r} names an unknown stage {stage!r}; expected one of {STAGES}")
     if expected_stage is not None and stage != expected_stage:
-        raise UserError(f"{str(path)!r} is a stage-{'1' if stage == 'autoencoder' else '2'} ({stage}) checkpoint; a {expected_stage} checkpoint is needed")
+        number = "1" if stage == "autoencoder" else "2"
+        raise UserError(
+            f"{path!r} is a stage-{number} ({stage}) checkpoint; a {expected_stage} checkpoint is needed"
+        )
     return ckpt

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import hydra
+from hydra._internal.utils import _locate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
@@ -20,17 +21,43 @@ log = logging.getLogger(__name__)
 SAFE_TARGET_PREFIXES = ("ldm.", "torch.optim.", "torch.nn.")
 
 
-def check_targets(node: Any, where: str = "config") -> None:
-    """Refuse any `_target_` outside SAFE_TARGET_PREFIXES (a stored config could name os.system)."""
+def check_target(target: Any, where: str) -> None:
+    """Refuse a `_target_` unless both its name and the object it resolves to lie in the allowlist.
+
+    The name alone is not enough: `ldm.utils.instantiate.os.system` starts with `ldm.` but walks
+    through a module attribute to `os.system`, so the resolved object's `__module__` is checked too.
+    Resolving only imports modules of the allowed namespaces and reads attributes; nothing is called.
+    """
+    allowed = tuple(prefix.rstrip(".") for prefix in SAFE_TARGET_PREFIXES)
+    if not isinstance(target, str) or not target.startswith(SAFE_TARGET_PREFIXES):
+        raise UserError(
+            f"{where} names _target_={target!r}, outside the allowed namespaces {SAFE_TARGET_PREFIXES}"
+        )
+    try:
+        obj = _locate(target)  # what instantiate itself uses (get_object also logs an error line)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserError(f"{where} names _target_={target!r}, which does not exist") from err
+    module = getattr(obj, "__module__", None) or ""
+    if not (callable(obj) and (module in allowed or module.startswith(SAFE_TARGET_PREFIXES))):
+        raise UserError(
+            f"{where} names _target_={target!r}, which resolves to {module or '?'}."
+            f"{getattr(obj, '__qualname__', type(obj).__name__)}, outside {SAFE_TARGET_PREFIXES}"
+        )
+
+
+def check_targets(node: Any, where: str = "config", key: str = "") -> None:
+    """Walk a stored config: every `_target_` must pass `check_target`; no string may hold a live
+    `${...}` interpolation (stored configs are saved resolved, and instantiate would resolve it)."""
     if isinstance(node, Mapping):
-        target = node.get("_target_")
-        if target is not None and not str(target).startswith(SAFE_TARGET_PREFIXES):
-            raise UserError(f"{where} names _target_={target!r}, outside the allowed namespaces {SAFE_TARGET_PREFIXES}")
-        for value in node.values():
-            check_targets(value, where)
+        if "_target_" in node:
+            check_target(node["_target_"], where)
+        for name, value in node.items():
+            check_targets(value, where, f"{key}.{name}" if key else str(name))
     elif isinstance(node, list | tuple):
-        for value in node:
-            check_targets(value, where)
+        for i, value in enumerate(node):
+            check_targets(value, where, f"{key}[{i}]")
+    elif isinstance(node, str) and "${" in node:
+        raise UserError(f"{where} holds an interpolation at {key}={node!r}; stored configs are plain values")
 
 
 def safe_instantiate(config: Mapping | DictConfig, where: str = "stored config", **kwargs: Any) -> Any:

@@ -3,11 +3,7 @@ and write checkpoints atomically so a crash mid-write cannot replace a good `las
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import secrets
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,7 +11,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.nn.utils import get_total_norm
 
-from ldm.utils.checkpoint import read_torch_file
+from ldm.utils.checkpoint import atomic_write, read_torch_file
 from ldm.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -137,23 +133,12 @@ class NonFiniteGuard(pl.Callback):
         self.num_skipped = int(state_dict.get("num_skipped", 0))
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (POSIX); a no-op where directories cannot be opened."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint writes that either complete or leave the previous file untouched.
 
-    Writes to a hidden temp file in the target's own directory, fsyncs it, `os.replace`s it over the
-    target and fsyncs the directory. (Lightning's default stages the bytes in memory and then in the
-    system temp dir; moving that across filesystems is a copy, which a crash can leave half-done.)
+    Streams `torch.save` into a temp file in the target's own directory, then fsync + rename
+    (`ldm.utils.checkpoint.atomic_write`). Lightning's default stages the bytes in memory, then in
+    the system temp dir; moving that across filesystems is a copy a crash can leave half-done.
     Reading uses `torch.load(weights_only=True)`, so resuming from a foreign checkpoint cannot run
     pickled code. Remote (fsspec URL) paths fall back to Lightning's own writer.
 
@@ -166,22 +151,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        # os.open honours the umask (mkstemp would leave the checkpoint mode 0600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        fsync_dir(path.parent)
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         if "://" in str(path):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import pickle
 import re
+import secrets
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -53,15 +57,8 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
         ) from err
 
 
-def load_checkpoint(
-    path: str | Path, expected_stage: str | None = None, mmap: bool = False
-) -> dict[str, Any]:
-    """Load an ldm checkpoint with `torch.load(weights_only=True)`: pickled code is refused, never run.
-
-    Checks that the file is an ldm checkpoint (it carries `checkpoint["ldm"]` with the stage and the
-    resolved config) and, when `expected_stage` is given, that it is of that stage.
-    """
-    ckpt = read_torch_file(path, mmap=mmap)
+def check_ldm_checkpoint(ckpt: Any, path: str | Path, expected_stage: str | None = None) -> None:
+    """An ldm checkpoint carries `state_dict` and `ldm = {"stage", "config"}`; check both (and the stage)."""
     path = str(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "ldm" not in ckpt:
         raise UserError(f"{path!r} is not an ldm checkpoint (no 'state_dict'/'ldm' entries)")
@@ -76,4 +73,47 @@ def load_checkpoint(
         raise UserError(
             f"{path!r} is a stage-{number} ({stage}) checkpoint; a {expected_stage} checkpoint is needed"
         )
+
+
+def load_checkpoint(
+    path: str | Path, expected_stage: str | None = None, mmap: bool = False
+) -> dict[str, Any]:
+    """Load an ldm checkpoint with `torch.load(weights_only=True)`: pickled code is refused, never run.
+
+    Checks that the file is an ldm checkpoint (it carries `checkpoint["ldm"]` with the stage and the
+    resolved config) and, when `expected_stage` is given, that it is of that stage.
+    """
+    ckpt = read_torch_file(path, mmap=mmap)
+    check_ldm_checkpoint(ckpt, path, expected_stage)
     return ckpt
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call `write(f)` on a hidden temp file next to `path`, fsync it, then rename it over `path`.
+
+    Either the new file is complete or the old one is untouched (a crash, ENOSPC or an exception in
+    `write` leaves no partial file behind). The temp file lives in the target's directory because a
+    rename is atomic only within one filesystem; the directory is fsynced so the rename survives a
+    power cut.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # os.open honours the umask (mkstemp would leave the file mode 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -11,15 +11,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
+import struct
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
+from tqdm import tqdm
+
+from ldm.utils.checkpoint import read_torch_file
+from ldm.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +174,7 @@ class LatentTensors(Source):
     def build(self) -> TensorImageDataset:
         if not self.path.is_file():
             raise FileNotFoundError(f"data.source.path={str(self.path)!r}: no latents file there")
-        payload = torch.load(self.path, map_location="cpu", weights_only=True)
+        payload = read_torch_file(self.path, what="latents file")
         if not isinstance(payload, dict) or "latents" not in payload:
             raise ValueError(f"{self.path} is not a latents file (expected a dict with 'latents')")
         return TensorImageDataset(payload["latents"].float(), payload.get("labels"), key="latent")
@@ -178,7 +186,7 @@ class LatentTensors(Source):
 class TorchvisionSource(Source):
     """MNIST, FashionMNIST or CIFAR10 from torchvision, read from `root`; downloads only if asked."""
 
-    DATASETS = {"mnist": ("MNIST", 10, 1), "fashion_mnist": ("FashionMNIST", 10, 1), "cifar10": ("CIFAR10", 10, 3)}
+    DATASETS: ClassVar[dict[str, tuple[str, int, int]]] = {"mnist": ("MNIST", 10, 1), "fashion_mnist": ("FashionMNIST", 10, 1), "cifar10": ("CIFAR10", 10, 3)}
 
     def __init__(self, name: str, root: str, image_size: int, download: bool = False, resize: str = "pad"):
         if name not in self.DATASETS:
@@ -209,11 +217,23 @@ class TorchvisionSource(Source):
         return f"{self.name}-{self.image_size}-{tensor_fingerprint(dataset.labels)}-{len(dataset)}"
 
 
-class ImageFolderDataset(Dataset):
-    """Images read lazily from files, converted to `mode`, resized and center-cropped."""
+# What PIL raises for unreadable files: OSError (truncated, zero-byte, foreign: UnidentifiedImageError),
+# SyntaxError/struct.error/EOFError (broken chunks in some plugins), ValueError (bad mode conversions),
+# DecompressionBombError (a tiny file that decodes to more than 2x Image.MAX_IMAGE_PIXELS).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
-    def __init__(self, paths: Sequence[Path], image_size: int, mode: str):
+
+class ImageFolderDataset(Dataset):
+    """Images read lazily from files, EXIF-oriented, converted to `mode`, resized, center-cropped.
+
+    Images whose shorter side is below `image_size` are upscaled (logged once) unless
+    `allow_upscale=False`, which makes them an error naming the file.
+    """
+
+    def __init__(self, paths: Sequence[Path], image_size: int, mode: str, allow_upscale: bool = True):
         self.paths, self.mode = list(paths), mode
+        self.image_size, self.allow_upscale = image_size, allow_upscale
+        self.warned_upscale = False
         self.transform = v2.Compose([
             v2.PILToTensor(),
             v2.Resize(image_size, antialias=True),
@@ -224,47 +244,86 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def load_image(self, path: Path) -> Image.Image:
-        """Open and convert one file, naming it in the error when it is unreadable or truncated."""
+        """Open, orient and convert one file; a UserError names the file when it is unreadable,
+        truncated, of an unsupported mode, or (with allow_upscale=False) smaller than image_size."""
         try:
             with Image.open(path) as img:
                 img.load()
-                return convert_mode(img, self.mode)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise ValueError(f"unreadable image file {str(path)!r}: {err}") from err
+                img = convert_mode(ImageOps.exif_transpose(img), self.mode)
+        except IMAGE_ERRORS as err:
+            raise UserError(f"unreadable image file {str(path)!r}: {err}") from err
+        if min(img.size) < self.image_size:
+            small = f"image file {str(path)!r} is {img.width}x{img.height}, smaller than data.image_size={self.image_size}"
+            if not self.allow_upscale:
+                raise UserError(f"{small}; data.source.allow_upscale=false forbids upscaling it")
+            if not self.warned_upscale:
+                self.warned_upscale = True
+                log.warning("%s: upscaled (data.source.allow_upscale=false rejects such files)", small)
+        return img
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         pixels = self.transform(self.load_image(self.paths[index]))  # (C, S, S) uint8
         return {"image": to_unit_range(pixels, 255.0)}
 
 
-def convert_mode(img: Image.Image, mode: str) -> Image.Image:
-    """Convert any PIL mode (L, RGB, RGBA, P, I;16, ...) to `mode` ("RGB" or "L") explicitly.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+CONVERTIBLE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 
-    16-bit images are rescaled to 8 bits rather than clipped; transparency is composited on black.
+
+def convert_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert a PIL image to `mode` ("RGB" or "L"), each source mode by an explicit rule.
+
+    - 16-bit (I;16*, and I, which PIL uses for 16-bit data) is rescaled from [0, 65535] to 8 bits
+      rather than clipped; values outside that range are an error.
+    - Transparency (RGBA, LA, P/PA with a transparent palette entry) is composited on black.
+    - 1, L, RGB, CMYK, YCbCr convert with PIL's standard matrices (L from RGB: ITU-R 601-2 luma).
+    - Anything else (F: 32-bit float, LAB, HSV, ...) raises a ValueError naming the mode.
     """
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = torch.from_numpy(np.asarray(img, dtype=np.float64))
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray((arr / peak * 255.0).round().clamp(0, 255).byte().numpy(), mode="L")
-    if img.mode == "P":
+    if img.mode in SIXTEEN_BIT_MODES:
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"mode {img.mode} values span [{arr.min():g}, {arr.max():g}], outside 16-bit [0, 65535]")
+        img = Image.fromarray(np.round(arr / 65535.0 * 255.0).astype(np.uint8), mode="L")
+    elif img.mode not in CONVERTIBLE_MODES:
+        raise ValueError(f"image mode {img.mode!r} is not supported (8/16-bit: {', '.join(CONVERTIBLE_MODES + SIXTEEN_BIT_MODES)})")
+    if img.mode in ("P", "PA"):
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA"):
+    if img.mode in ("RGBA", "RGBa", "LA", "La"):
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img.convert("RGBA"))
     return img.convert(mode)
 
 
 class ImageFolder(Source):
-    """Every image under `root` (recursive, common extensions), as RGB or grayscale, unlabeled."""
+    """Every image under `root` (recursive, common extensions), as RGB or grayscale, unlabeled.
+
+    A broken file fails with an error naming it when it is first read. `skip_corrupt=True` instead
+    opens and decodes every file up front (threads; a progress bar above 1,000 files), drops the
+    unreadable ones and logs how many; `num_skipped` and `skipped` (path, reason) keep the record.
+    """
 
     name = "image_folder"
     num_classes = None
-    MODES = {"RGB": 3, "L": 1}
+    MODES: ClassVar[dict[str, int]] = {"RGB": 3, "L": 1}
+    PROGRESS_ABOVE = 1000
 
-    def __init__(self, root: str, image_size: int, mode: str = "RGB"):
+    def __init__(
+        self,
+        root: str,
+        image_size: int,
+        mode: str = "RGB",
+        skip_corrupt: bool = False,
+        allow_upscale: bool = True,
+    ):
         if mode not in self.MODES:
             raise ValueError(f"data.source.mode={mode!r} is not one of {list(self.MODES)}")
         self.root, self.image_size, self.mode = Path(root), image_size, mode
+        self.skip_corrupt, self.allow_upscale = skip_corrupt, allow_upscale
+        self.skipped: list[tuple[Path, str]] = []
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
 
     def list_files(self) -> list[Path]:
         if not self.root.is_dir():
@@ -275,7 +334,43 @@ class ImageFolder(Source):
         return files
 
     def build(self) -> ImageFolderDataset:
-        return ImageFolderDataset(self.list_files(), self.image_size, self.mode)
+        dataset = ImageFolderDataset(self.list_files(), self.image_size, self.mode, self.allow_upscale)
+        if self.skip_corrupt:
+            dataset.paths = self.readable(dataset)
+        return dataset
+
+    def readable(self, dataset: ImageFolderDataset) -> list[Path]:
+        """The files of `dataset` that load; records the others in `self.skipped` and logs the count."""
+        paths = dataset.paths
+
+        def problem(path: Path) -> tuple[str | None, bool]:  # (error, upscaled)
+            try:
+                return None, min(dataset.load_image(path).size) < self.image_size
+            except UserError as err:
+                return str(err), False
+
+        # PIL decodes outside the GIL, so threads check files in parallel.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            results = list(tqdm(
+                pool.map(problem, paths), total=len(paths), desc=f"checking images in {self.root}",
+                unit="img", disable=len(paths) <= self.PROGRESS_ABOVE,
+            ))
+        self.skipped = [(p, err) for p, (err, _) in zip(paths, results) if err is not None]
+        kept = [p for p, (err, _) in zip(paths, results) if err is None]
+        if not kept:
+            raise UserError(
+                f"data.root={str(self.root)!r} holds no readable images: all {len(paths)} files "
+                f"failed (first: {self.skipped[0][1]})"
+            )
+        if self.skipped:
+            log.warning(
+                "data.skip_corrupt=true: skipped %d of %d image files under %s (first: %s)",
+                self.num_skipped, len(paths), self.root, self.skipped[0][1],
+            )
+        upscaled = sum(up for _, up in results)
+        if upscaled:
+            log.warning("%d of %d images are smaller than data.image_size=%d and are upscaled", upscaled, len(kept), self.image_size)
+        return kept
 
     def fingerprint(self, dataset: ImageFolderDataset) -> str:
         digest = hashlib.sha256()

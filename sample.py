@@ -1,0 +1,64 @@
+"""ldm sampling CLI: `python sample.py ckpt=PATH [overrides]` (see conf/sample.yaml); thin wrapper
+over ldm.sample.run."""
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, open_dict
+
+from ldm.utils.cli import check_group_overrides, exit_on_user_error
+from ldm.utils.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+# `fid=true` (the on/off flag) names the `fid` config group too, and Hydra reads any override whose
+# key is a group name as a group choice. The flag is taken off the command line here and set on the
+# composed config in main(); the group itself is mounted at `metrics` (`fid@metrics=inception`).
+FID_FLAG: list[str] = []
+
+
+def split_fid_flag(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without `fid=VALUE` overrides, their values as written)."""
+    rest, values = [], []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "fid":
+            values.append(value)
+        else:
+            rest.append(arg)
+    return rest, values
+
+
+def group_overrides(argv: list[str]) -> list[str]:
+    """Overrides for the pre-flight group check, `fid@metrics=x` checked as the group `fid=x`."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        out.append(f"{key.split('@', 1)[0]}{sep}{value}" if "@" in key else arg)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ldm.sample import run  # imported here so `--help` and bad overrides answer fast
+
+    try:
+        if FID_FLAG:
+            parsed = OverridesParser.create().parse_override(f"fid={FID_FLAG[-1]}")
+            with open_dict(cfg):
+                cfg.fid = parsed.value()
+        run(cfg)
+    except UserError as err:
+        exit_on_user_error(err)
+
+
+if __name__ == "__main__":
+    sys.argv[1:], FID_FLAG[:] = split_fid_flag(sys.argv[1:])
+    try:
+        check_group_overrides(group_overrides(sys.argv[1:]), CONF_DIR)
+    except UserError as err:
+        exit_on_user_error(err)
+    main()

@@ -21,7 +21,6 @@ Real features are computed once per (dataset, split, extractor weights) and cach
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from collections.abc import Iterable
@@ -39,11 +38,13 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from ldm.data.sources import tensor_fingerprint
 from ldm.metrics.classifier import FeatureClassifier
 from ldm.metrics.train_classifier import (
-    atomic_save,
-    atomic_write_json,
     get_or_train_classifier,
     iter_image_batches,
+    save_json,
+    save_tensors,
 )
+from ldm.utils.checkpoint import file_sha256, read_torch_file
+from ldm.utils.errors import UserError
 
 EXTRACTORS = ("classifier", "inception")
 # The TF FID Inception weights as ported by pytorch-fid (first) and torch-fidelity (second); same keys.
@@ -173,12 +174,12 @@ def inception_weight_candidates(weights_path: str | Path | None) -> list[Path]:
 
 
 def find_inception_weights(weights_path: str | Path | None = None) -> Path:
-    """The FID Inception weights file, or FileNotFoundError naming the file and where it was looked for."""
+    """The FID Inception weights file, or a one-line UserError naming the file and where it was looked for."""
     candidates = inception_weight_candidates(weights_path)
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise UserError(
         f"FID Inception weights not found: need {INCEPTION_FILE_NAMES[0]} (pytorch-fid's port of the TF FID "
         f"Inception; torch-fidelity's {INCEPTION_FILE_NAMES[1]} also works); looked in: "
         f"{', '.join(str(p) for p in candidates)}; put the file there or pass fid.inception_weights=PATH"
@@ -198,10 +199,10 @@ class InceptionFeatures(_FrozenExtractor):
         super().__init__()
         path = find_inception_weights(weights_path)
         self.net = fid_inception_v3()
-        self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.net.load_state_dict(read_torch_file(path, what="FID Inception weights"))
         self.net.eval().requires_grad_(False)
         self.weights_path = path
-        self.cache_key = f"inception-{_file_digest(path)}"
+        self.cache_key = f"inception-{file_sha256(path)[:16]}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = resize(match_channels(x.float(), 3), INCEPTION_SIZE) * 2.0 - 1.0  # (B, 3, 299, 299)
@@ -212,14 +213,6 @@ class InceptionFeatures(_FrozenExtractor):
                       net.Mixed_6d, net.Mixed_6e, net.Mixed_7a, net.Mixed_7b, net.Mixed_7c):
             x = layer(x)
         return net.avgpool(x).flatten(1)  # (B, 2048, 8, 8) -> (B, 2048)
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 # ---- metrics --------------------------------------------------------------------------------------
@@ -387,12 +380,12 @@ def cached_real_features(
 ) -> torch.Tensor:
     """Real features (N, d), read from `cache_file` if present, else extracted and saved there."""
     if cache_file is not None and cache_file.is_file():
-        payload = torch.load(cache_file, map_location="cpu", weights_only=True)
+        payload = read_torch_file(cache_file, what="FID real-features cache")
         if payload.get("extractor") == extractor.cache_key:
             return payload["features"]
     feats = extract_features(extractor, dataset, batch_size)
     if cache_file is not None:
-        atomic_save({"features": feats, "extractor": extractor.cache_key, "num_images": len(feats)}, cache_file)
+        save_tensors({"features": feats, "extractor": extractor.cache_key, "num_images": len(feats)}, cache_file)
     return feats
 
 
@@ -410,12 +403,12 @@ def build_extractor(
     is available with either extractor.
     """
     if name not in EXTRACTORS:
-        raise ValueError(f"fid.extractor={name!r} is not one of {list(EXTRACTORS)}")
+        raise UserError(f"fid.extractor={name!r} is not one of {list(EXTRACTORS)}")
     labeled = datamodule is not None and getattr(datamodule, "num_classes", None) is not None
     clf = None
     if labeled or name == "classifier":
         if datamodule is None or cache_dir is None:
-            raise ValueError("fid.extractor=classifier needs the data module and fid.cache_dir")
+            raise UserError("fid.extractor=classifier needs the data module and fid.cache_dir")
         model, _ = get_or_train_classifier(datamodule, cache_dir, verbose=verbose, **(classifier or {}))
         clf = ClassifierFeatures(model)
     extractor = clf if name == "classifier" else InceptionFeatures(inception_weights)
@@ -502,5 +495,5 @@ def reference_scores(
         "num_real": floor["num_real"],
     }
     if cache_file is not None:
-        atomic_write_json({"settings": settings, "scores": scores}, cache_file)
+        save_json({"settings": settings, "scores": scores}, cache_file)
     return scores

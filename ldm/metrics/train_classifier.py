@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -25,6 +24,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.metrics.classifier import FeatureClassifier
+from ldm.utils.checkpoint import atomic_write, read_torch_file
+from ldm.utils.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -108,18 +109,20 @@ def train_classifier(
     """Train a FeatureClassifier with Adam and a one-cycle LR (Smith & Topin 2017) on images in [-1, 1].
 
     Runs inside a forked RNG so that training it in the middle of a run does not change the run's
-    random stream. Returns the model (eval mode, on CPU) and a summary with `test_accuracy`
+    random stream, and with autograd on even when called from a no-grad/inference-mode hook. Returns the model (eval mode, on CPU) and a summary with `test_accuracy`
     (measured on the given val images, never trained on).
     """
     if epochs <= 0:
-        raise ValueError(f"fid.classifier.epochs={epochs} must be >= 1")
+        raise UserError(f"fid.classifier.epochs={epochs} must be >= 1")
     if len(train_images) < batch_size:
         raise ValueError(f"{len(train_images)} training images < fid.classifier.batch_size={batch_size}")
     start = time.perf_counter()
     _, channels, height, width = train_images.shape
     if height != width:
         raise ValueError(f"the classifier needs square images, got {height}x{width}")
-    with torch.random.fork_rng(devices=[]):
+    # May run inside a validation hook (inference mode): training needs autograd and normal tensors.
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        train_images, train_labels = train_images.clone(), train_labels.clone()
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         model = FeatureClassifier(channels, num_classes, height, widths, feature_dim).to(device)
@@ -165,26 +168,20 @@ def classifier_paths(cache_dir: str | Path, fingerprint: str, settings: Mapping[
     return stem.with_suffix(".pt"), stem.with_suffix(".json")
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file then rename, so concurrent readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_tensors(obj: Any, path: Path) -> None:
+    """torch.save through the project's atomic write: readers never see half a file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def save_json(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
 
 
 def load_classifier(weights: Path, summary_path: Path) -> tuple[FeatureClassifier, dict[str, Any]]:
     """Rebuild a cached classifier from its summary's config; strict, tensors-only load."""
     summary = json.loads(summary_path.read_text())
     model = FeatureClassifier(**summary["config"])
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(read_torch_file(weights, what="FID classifier weights"))
     return model.eval(), summary
 
 
@@ -206,11 +203,11 @@ def get_or_train_classifier(
     """
     unknown = set(settings) - set(DEFAULT_TRAINING) - set(DEFAULT_ARCH)
     if unknown:
-        raise ValueError(f"unknown classifier settings {sorted(unknown)}; valid: {sorted({**DEFAULT_TRAINING, **DEFAULT_ARCH})}")
+        raise UserError(f"unknown classifier settings {sorted(unknown)}; valid: {sorted({**DEFAULT_TRAINING, **DEFAULT_ARCH})}")
     settings = {**DEFAULT_TRAINING, **DEFAULT_ARCH, **settings}
     settings["widths"] = [int(w) for w in settings["widths"]]
     if getattr(datamodule, "num_classes", None) is None:
-        raise ValueError(
+        raise UserError(
             "fid.extractor=classifier needs a labeled dataset (data.num_classes is null); "
             "use fid=inception with fid.inception_weights=PATH"
         )
@@ -232,8 +229,8 @@ def get_or_train_classifier(
         train_x, train_y, val_x, val_y, datamodule.num_classes, **training, **arch, device=device, log=None
     )
     summary["dataset"] = datamodule.fingerprint()
-    atomic_save(model.state_dict(), weights)
-    atomic_write_json(summary, summary_path)
+    save_tensors(model.state_dict(), weights)
+    save_json(summary, summary_path)
     say(
         f"FID classifier: trained in {summary['seconds']:.1f}s, test accuracy {summary['test_accuracy']:.4f} "
         f"on {summary['num_test']} held-out images; saved {weights}"

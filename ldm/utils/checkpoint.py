@@ -49,12 +49,14 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
                 f"{what} {str(path)!r} holds pickled objects other than tensors and plain data "
                 f"({refused.group(1)}); refused, nothing in it was run"
             ) from err
-        raise UserError(f"{what} {str(path)!r} is not a torch checkpoint (unreadable pickle)") from err
+        raise UserError(f"{what} {str(path)!r} is truncated or not a torch checkpoint (unknown format)") from err
     except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile, OSError) as err:
-        # RuntimeError: truncated zip; EOFError: empty; KeyError: text or other foreign bytes.
-        raise UserError(
-            f"{what} {str(path)!r} is truncated or not a torch checkpoint ({type(err).__name__})"
-        ) from err
+        # RuntimeError: a cut zip archive; EOFError: empty or cut legacy file; KeyError: foreign bytes.
+        if isinstance(err, RuntimeError | OSError):
+            detail = str(err).splitlines()[0].split(". ")[0][:120] if str(err) else type(err).__name__
+        else:
+            detail = "file is empty" if path.stat().st_size == 0 else "unknown format"
+        raise UserError(f"{what} {str(path)!r} is truncated or not a torch checkpoint ({detail})") from err
 
 
 def check_ldm_checkpoint(ckpt: Any, path: str | Path, expected_stage: str | None = None) -> None:
@@ -73,6 +75,26 @@ def check_ldm_checkpoint(ckpt: Any, path: str | Path, expected_stage: str | None
         raise UserError(
             f"{path!r} is a stage-{number} ({stage}) checkpoint; a {expected_stage} checkpoint is needed"
         )
+
+
+def state_dict_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str | None:
+    """One line describing how `given` differs from a module's `expected` state_dict, or None.
+
+    (torch's own strict-load error spans many lines, one per key.)
+    """
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k}: {tuple(given[k].shape)} in the file, {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in given and torch.is_tensor(v) and torch.is_tensor(given[k]) and given[k].shape != v.shape
+    ]
+    parts = [
+        f"{len(found)} {label} (first: {found[0]})"
+        for label, found in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if found
+    ]
+    return "; ".join(parts) or None
 
 
 def load_checkpoint(

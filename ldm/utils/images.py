@@ -1,0 +1,39 @@
+"""Image-grid logging shared by both stages: one call sends a grid to every logger that takes
+images (W&B, TensorBoard) and always saves a PNG under the run's log dir."""
+
+from pathlib import Path
+
+import torch
+import torchvision
+from pytorch_lightning import Trainer
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+
+
+def to_display_range(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] model space -> [0, 1] display space, clamped."""
+    return ((images.detach().float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def log_image_grid(trainer: Trainer, key: str, grid: torch.Tensor, step: int) -> Path | None:
+    """Log `grid` (C, H, W) float in [0, 1] (e.g. from torchvision.utils.make_grid) under `key`.
+
+    Must be called on every rank: `trainer.log_dir` is a collective under DDP. Only global rank
+    zero writes. The PNG goes to `<trainer.log_dir or default_root_dir>/images/<key>_<step>.png`
+    (slashes in `key` become underscores); its path is returned on rank zero, None elsewhere.
+    CSV and other loggers without image support are skipped (the PNG is their artefact)."""
+    if grid.dim() != 3 or grid.shape[0] not in (1, 3):
+        raise ValueError(f"grid of shape {tuple(grid.shape)} must be (C, H, W) with C in (1, 3)")
+    root = trainer.log_dir or trainer.default_root_dir
+    if not trainer.is_global_zero:
+        return None
+    grid = grid.detach().float().clamp(0.0, 1.0).cpu()
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            hwc = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # (H, W, C)
+            logger.log_image(key=key, images=[hwc], step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, grid, global_step=step)
+    path = Path(root) / "images" / f"{key.replace('/', '_')}_{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torchvision.utils.save_image(grid, path)
+    return path

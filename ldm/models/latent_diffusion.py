@@ -1,0 +1,332 @@
+"""LatentDiffusion: stage 2 of an LDM, a UNet denoiser trained in a frozen autoencoder's latent space.
+
+Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models", arXiv
+2112.10752, Sec. 3.2 and Eq. 2): L = E_{z0 = s * E(x), eps, t} || target - f(z_t, t, y) ||^2, with
+z_t = q_sample(z0, t, eps) (Ho et al. 2020, Eq. 4), the target given by the schedule's prediction
+type (eps / x0 / v, Salimans & Ho 2022), optional min-SNR weighting (Hang et al. 2023), and
+labels replaced by the null class with probability `cond_drop_prob` so one network learns both
+the conditional and the unconditional model for classifier-free guidance (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchvision.utils import make_grid
+
+from ldm.diffusion.schedules import LOSS_WEIGHTINGS
+from ldm.utils.images import log_image_grid, to_display_range
+
+
+@torch.no_grad()
+def encode_latents(autoencoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, C, H, W) in [-1, 1] -> scaled latents (B, c, h, w) of about unit variance:
+    scale_factor * encode(x) (LDM Sec. 4.3.2 / App. G; KL: the posterior mode, VQ: quantized).
+    The one definition shared by on-the-fly encoding and the latent cache."""
+    return autoencoder.encode(images) * autoencoder.scale_factor
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (sha256), so related streams (epoch, batch, rank) do not collide."""
+    digest = hashlib.sha256("-".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class LatentDiffusion(pl.LightningModule):
+    """Denoising diffusion on `scale_factor * autoencoder.encode(x)` latents.
+
+    Args:
+        unet: the denoiser `unet(x_t, t, class_labels) -> prediction` (ldm.modules.unet.UNet).
+        autoencoder: a trained stage-1 model with `encode`, `decode`, `scale_factor`,
+            `latent_channels`, `downsample_factor`. Frozen here: eval mode, no gradients, not
+            optimised; its weights are part of this module's checkpoint (self-contained).
+        schedule: NoiseSchedule (an nn.Module, so its buffers move and are saved with the model);
+            `schedule.prediction_type` is what the UNet predicts.
+        sampler: `sampler(schedule=...) -> Sampler` (the Hydra `_partial_` of build_sampler); kept
+            unbuilt and built on demand against `self.schedule`.
+        optimizer: `optimizer(params) -> Optimizer` (Hydra `_partial_`), applied to the UNet only.
+        lr_scheduler: optional `lr_scheduler(optimizer)` (Hydra `_partial_`), stepped every step.
+        loss_weighting: "uniform" or "min_snr"; min_snr_gamma: gamma of min-SNR weighting.
+        cond_drop_prob: probability of replacing a label by the null class in training.
+        image_size: pixel size of the (square) images; the latent grid is
+            image_size // autoencoder.downsample_factor (set from `${data.image_size}` in yaml, so a
+            checkpoint knows its latent shape without a datamodule).
+        num_val_samples: size of the sample grid logged each validation epoch (0: none).
+        val_guidance_scale: classifier-free guidance scale of that grid (conditional models).
+        val_seed: seed of the validation noise, t and grid noise (same seed -> comparable runs).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        autoencoder: nn.Module,
+        schedule: nn.Module,
+        sampler: Callable[..., Any],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        cond_drop_prob: float = 0.1,
+        *,
+        image_size: int,
+        num_val_samples: int = 16,
+        val_guidance_scale: float = 1.0,
+        val_seed: int = 0,
+    ):
+        super().__init__()
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting={loss_weighting!r} is not one of {list(LOSS_WEIGHTINGS)}")
+        if not 0.0 <= cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob={cond_drop_prob} must be in [0, 1]")
+        if unet.in_channels != autoencoder.latent_channels:
+            raise ValueError(
+                f"model.diffusion.unet.in_channels={unet.in_channels} but the autoencoder has "
+                f"latent_channels={autoencoder.latent_channels}; they must be equal"
+            )
+        if unet.out_channels != unet.in_channels:
+            raise ValueError(
+                f"model.diffusion.unet.out_channels={unet.out_channels} must equal "
+                f"in_channels={unet.in_channels} (the UNet predicts a latent-shaped target)"
+            )
+        if image_size % autoencoder.downsample_factor:
+            raise ValueError(
+                f"image_size={image_size} is not divisible by the autoencoder's "
+                f"downsample_factor={autoencoder.downsample_factor}"
+            )
+        if num_val_samples < 0:
+            raise ValueError(f"num_val_samples={num_val_samples} must be >= 0")
+        # Only plain data goes to hparams, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            ignore=["unet", "autoencoder", "schedule", "sampler", "optimizer", "lr_scheduler"]
+        )
+        self.unet = unet
+        self.autoencoder = autoencoder
+        self.autoencoder.requires_grad_(False)
+        self.autoencoder.eval()
+        self.schedule = schedule
+        self.sampler_factory = sampler
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+
+    # ----------------------------------------------------------------- frozen stage 1
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        """Lightning calls .train() at every fit/validation switch; the autoencoder stays in eval."""
+        super().train(mode)
+        self.autoencoder.eval()
+        return self
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.unet.num_classes
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(c, h, w) of one latent: the autoencoder's channels at image_size / downsample_factor."""
+        size = self.hparams.image_size // self.autoencoder.downsample_factor
+        return (self.autoencoder.latent_channels, size, size)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> scaled latents (B, c, h, w) (see encode_latents)."""
+        return encode_latents(self.autoencoder, images)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, c, h, w) -> images (B, C, H, W) clamped to [-1, 1]."""
+        return self.autoencoder.decode(latents / self.autoencoder.scale_factor).clamp(-1.0, 1.0)
+
+    def batch_latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scaled latents of a batch: `batch["latent"]` (cache, already scaled) or encoded images."""
+        if "latent" in batch:
+            return batch["latent"]
+        if "image" not in batch:
+            raise ValueError(f"batch has keys {sorted(batch)}; expected 'latent' or 'image'")
+        return self.encode(batch["image"])
+
+    def batch_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.num_classes is None:
+            return None
+        if "label" not in batch:
+            raise ValueError(
+                f"the UNet is class-conditional (num_classes={self.num_classes}) but the batch has "
+                "no 'label'; use labelled data or unet.num_classes=null"
+            )
+        return batch["label"]
+
+    # ----------------------------------------------------------------- objective
+    def model_fn(
+        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The denoiser as samplers see it: (B, c, h, w), (B,) -> prediction (B, c, h, w)."""
+        return self.unet(x_t, t, class_labels)
+
+    def diffusion_loss(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        class_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Weighted MSE between the UNet output at x_t = q_sample(x0, t, noise) and the target."""
+        x_t = self.schedule.q_sample(x0, t, noise)  # (B, c, h, w)
+        pred = self.unet(x_t, t, class_labels)  # (B, c, h, w)
+        target = self.schedule.training_target(x0, noise, t)  # (B, c, h, w)
+        mse = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        weight = self.schedule.loss_weight(
+            t, weighting=self.hparams.loss_weighting, min_snr_gamma=self.hparams.min_snr_gamma
+        )  # (B,)
+        return (weight * mse).mean()
+
+    def training_generator(self, batch_idx: int) -> torch.Generator:
+        """Noise, t and label dropout of a training batch depend only on (seed, epoch, batch, rank).
+
+        A resumed run therefore draws exactly what the uninterrupted run drew, whatever the global
+        RNG state; ranks draw independent noise. (UNet dropout still uses the global RNG.)
+        """
+        seed = derive_seed(torch.initial_seed(), self.current_epoch, batch_idx, self.global_rank)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x0 = self.batch_latents(batch)  # (B, c, h, w)
+        labels = self.batch_labels(batch)  # (B,) or None
+        b = x0.shape[0]
+        g = self.training_generator(batch_idx)
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=g, device=self.device)
+        noise = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
+        if labels is not None:
+            drop = torch.rand(b, generator=g, device=self.device) < self.hparams.cond_drop_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)  # (B,)
+        loss = self.diffusion_loss(x0, t, noise, labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Loss at t spread evenly over [0, T-1] with noise seeded by val_seed + batch_idx, drawn on
+        the CPU so the number is comparable across runs and devices."""
+        x0 = self.batch_latents(batch)  # (B, c, h, w)
+        labels = self.batch_labels(batch)
+        b = x0.shape[0]
+        g = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
+        noise = torch.randn(x0.shape, generator=g).to(device=self.device, dtype=x0.dtype)
+        t = torch.linspace(0, self.schedule.num_timesteps - 1, b).round().long().to(self.device)
+        loss = self.diffusion_loss(x0, t, noise, labels)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=b)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        """Sample the grid here, not at epoch end: Lightning runs callback hooks before the module's,
+        so an EMA callback (WeightAveraging) has swapped the averaged weights in at epoch start and
+        swaps them out again in its on_validation_epoch_end, before this module's hook would run.
+
+        Every rank samples the same grid (cheap, and `log_image_grid` must be called on all ranks);
+        rank zero writes it. Classes run along the rows: column k shows label k.
+        """
+        n = self.hparams.num_val_samples
+        if n == 0 or self.trainer.sanity_checking:
+            return
+        labels, scale, nrow = None, 1.0, math.ceil(math.sqrt(n))
+        if self.num_classes is not None:
+            labels = torch.arange(n, device=self.device) % self.num_classes  # (n,) 0..K-1, 0..K-1, ...
+            scale, nrow = self.hparams.val_guidance_scale, min(n, self.num_classes)
+        g = torch.Generator().manual_seed(self.hparams.val_seed)
+        images = self.sample(n, class_labels=labels, guidance_scale=scale, generator=g)  # (n, C, H, W)
+        grid = make_grid(to_display_range(images), nrow=nrow, padding=2)  # (C, H', W') in [0, 1]
+        log_image_grid(self.trainer, "val/samples", grid, self.global_step)
+
+    # ----------------------------------------------------------------- sampling
+    def build_sampler(self, **overrides: Any) -> Any:
+        """The configured sampler built on this module's schedule (`overrides`, e.g. steps=20)."""
+        return self.sampler_factory(schedule=self.schedule, **overrides)
+
+    def null_labels(self, n: int) -> torch.Tensor:
+        return torch.full((n,), self.num_classes, dtype=torch.long, device=self.device)
+
+    def check_labels(
+        self, num_samples: int, class_labels: int | torch.Tensor | None, guidance_scale: float
+    ) -> torch.Tensor | None:
+        """Labels (num_samples,) on self.device, or None; rejects labels a model cannot take."""
+        if self.num_classes is None:
+            if class_labels is not None or guidance_scale != 1.0:
+                raise ValueError(
+                    "class_labels / guidance_scale given but the model is unconditional "
+                    "(unet.num_classes=None); pass class_labels=None, guidance_scale=1.0"
+                )
+            return None
+        if class_labels is None:
+            if guidance_scale != 1.0:
+                raise ValueError(
+                    f"guidance_scale={guidance_scale} needs class_labels (guidance pushes towards a class)"
+                )
+            return None
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device)
+        if labels.ndim == 0:
+            labels = labels.expand(num_samples)
+        if labels.shape != (num_samples,):
+            raise ValueError(f"class_labels has shape {tuple(labels.shape)}; expected ({num_samples},)")
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if bad.numel():
+            raise ValueError(
+                f"class label {bad[0].item()} is outside the model's classes 0..{self.num_classes - 1}"
+            )
+        return labels
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        class_labels: int | torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        sampler: Any | None = None,
+        callback: Callable[..., Any] | None = None,
+        latent_shape: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor:
+        """Generate images (num_samples, C, H, W) in [-1, 1] by reverse diffusion in latent space.
+
+        class_labels: None (unconditional: the null class on a conditional model), an int for all,
+            or a LongTensor (num_samples,). guidance_scale: classifier-free guidance
+            pred = uncond + s * (cond - uncond) (Ho & Salimans 2022, Eq. 6), s=1 is plain
+            conditional sampling. generator: seeds x_T (drawn on the generator's device, so a CPU
+            generator gives the same start noise on any device) and the sampler's noise.
+            sampler: a built Sampler (default: the configured one, `build_sampler()`).
+            latent_shape: (c, h, w), default `self.latent_shape`.
+        """
+        if num_samples <= 0:
+            raise ValueError(f"num_samples={num_samples} must be positive")
+        labels = self.check_labels(num_samples, class_labels, guidance_scale)
+        sampler = sampler if sampler is not None else self.build_sampler()
+        shape = (num_samples, *(latent_shape or self.latent_shape))
+        noise_device = generator.device if generator is not None else self.device
+        x_T = torch.randn(shape, generator=generator, device=noise_device).to(self.device)  # (N, c, h, w)
+        cond = uncond = None
+        if labels is not None:
+            cond = {"class_labels": labels}
+            uncond = {"class_labels": self.null_labels(num_samples)}
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            z0 = sampler(
+                self.model_fn,
+                x_T,
+                cond=cond,
+                uncond=uncond,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                callback=callback,
+            )  # (N, c, h, w)
+        finally:
+            self.unet.train(was_training)
+        return self.decode(z0)  # (N, C, H, W)
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.unet.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

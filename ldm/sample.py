@@ -125,12 +125,15 @@ def check_settings(cfg: DictConfig) -> Settings:
     if (flags["fid"] or sweep) and cfg.num_samples < 2:
         raise UserError(f"num_samples={cfg.num_samples} is too few for FID (fid / nfe_sweep); use >= 2")
 
+    ckpt = Path(str(cfg.ckpt))
+    if not ckpt.is_file():  # checked here too: answers before torch is imported
+        raise UserError(f"ckpt={str(ckpt)!r} does not exist or is not a file")
     out_dir = Path(str(cfg.out_dir))
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"out_dir={str(out_dir)!r} already exists and is not empty; choose a new out_dir")
 
     return Settings(
-        ckpt=Path(str(cfg.ckpt)),
+        ckpt=ckpt,
         num_samples=cfg.num_samples,
         batch_size=cfg.batch_size,
         seed=cfg.seed,

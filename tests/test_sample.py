@@ -1,0 +1,280 @@
+"""sample.py / ldm.sample on a tiny class-conditional stage-2 checkpoint: determinism, files written,
+guidance, bad inputs (one stderr line, exit 2, nothing written), hostile checkpoints, FID, NFE sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf, open_dict
+from PIL import Image
+
+from ldm.callbacks.checkpoint_config import StoreConfigInCheckpoint
+from ldm.models.loading import load_latent_diffusion
+from ldm.sample import resolve_labels, run, save_png
+from ldm.utils.checkpoint import file_sha256
+from ldm.utils.errors import UserError
+from tests.conftest import ROOT, compose_config
+
+# sklearn digits at 16x16, f=4 KL autoencoder -> 4x4x4 latents, tiny UNet with 10 classes, T=100.
+TINY = [
+    "debug=fast",
+    "data=digits",
+    "data.image_size=16",
+    "model.autoencoder.encoder.ch=8",
+    "model.autoencoder.encoder.mid_attention=false",
+]
+# Sampling settings of the tests: few steps, the stochastic DDPM sampler so that the sampler's own
+# noise (not only x_T) must come from the seeded generator for runs to repeat.
+FAST = ["device=cpu", "sampler=ddpm", "sampler.steps=4", "num_samples=5", "batch_size=3"]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A stage-2 checkpoint written by a Lightning Trainer with StoreConfigInCheckpoint (as ldm.train
+    writes them), and a stage-1 one."""
+    root = tmp_path_factory.mktemp("sample_ckpt")
+    cfg = compose_config(TINY, root)
+    resolved = OmegaConf.to_container(cfg, resolve=False)
+    resolved.pop("hydra")
+    resolved = OmegaConf.to_container(OmegaConf.create(resolved), resolve=True)
+    # (resolving after dropping `hydra`: its sweep nodes hold values only a multirun sets)
+    torch.manual_seed(0)
+    autoencoder = hydra.utils.instantiate(cfg.model.autoencoder)
+    module_cfg = {k: v for k, v in resolved["model"]["diffusion"].items() if k != "latent_cache"}
+    model = hydra.utils.instantiate(module_cfg, autoencoder=autoencoder)
+    trainer = pl.Trainer(
+        max_steps=2, limit_val_batches=0, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        callbacks=[StoreConfigInCheckpoint("diffusion", resolved)],
+    )
+    trainer.fit(model, datamodule=hydra.utils.instantiate(cfg.data))
+    # Two steps leave the zero-initialised output conv near zero, which would hide the labels'
+    # effect; perturbed weights make conditioning (and so guidance) visible in the images.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    stage2 = root / "stage2.ckpt"
+    trainer.save_checkpoint(stage2)
+    stage1 = root / "stage1.ckpt"
+    torch.save(
+        {"state_dict": autoencoder.state_dict(), "ldm": {"stage": "autoencoder", "config": resolved}},
+        stage1,
+    )
+    return {"stage2": stage2, "stage1": stage1}
+
+
+def sample_cfg(tmp_path: Path, ckpt: Path, *overrides: str, out: str = "out", fid: bool = False):
+    cfg = compose_config([f"ckpt={ckpt}", f"out_dir={tmp_path / out}", *FAST, *overrides], tmp_path,
+                         config_name="sample")
+    with open_dict(cfg):
+        cfg.fid = fid  # `fid=true` on the command line is handled by sample.py (group-name clash)
+    return cfg
+
+
+def png_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+
+
+# ------------------------------------------------------------------------------ in-process runs
+@pytest.fixture(scope="module")
+def seeded_runs(checkpoints, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Three runs: seed 0 twice (the first also draws the trajectory), seed 1 once."""
+    tmp = tmp_path_factory.mktemp("seeded")
+    ckpt = checkpoints["stage2"]
+    runs = {}
+    for name, extra in {
+        "a": ["seed=0", "trajectory=true", "trajectory_samples=2", "trajectory_steps=3"],
+        "b": ["seed=0"],
+        "c": ["seed=1"],
+    }.items():
+        record = run(sample_cfg(tmp, ckpt, *extra, out=name))
+        runs[name] = (tmp / name, record)
+    return runs
+
+
+def test_same_seed_same_png_bytes_other_seed_differs(seeded_runs):
+    (out_a, _), (out_b, _), (out_c, _) = seeded_runs["a"], seeded_runs["b"], seeded_runs["c"]
+    a, b, c = png_bytes(out_a), png_bytes(out_b), png_bytes(out_c)
+    samples = [f"{i:05d}.png" for i in range(5)]
+    assert all(a[name] == b[name] for name in [*samples, "grid.png"])
+    assert all(a[name] != c[name] for name in samples)
+
+
+def test_files_and_samples_json(seeded_runs, checkpoints):
+    out, record = seeded_runs["a"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [*(f"{i:05d}.png" for i in range(5)), "grid.png", "samples.json", "trajectory.png"]
+    for i in range(5):
+        image = Image.open(out / f"{i:05d}.png")
+        assert (image.mode, image.size) == ("L", (16, 16))
+    # grid: 5 samples spread over the 10 classes -> one row of 5 (column = class), padding 2
+    assert Image.open(out / "grid.png").size == (5 * 18 + 2, 18 + 2)
+    saved = json.loads((out / "samples.json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert saved["checkpoint"]["sha256"] == file_sha256(checkpoints["stage2"])
+    assert saved["checkpoint"]["stage"] == "diffusion"
+    assert saved["N"] == 5 and saved["num_classes"] == 10
+    assert saved["labels"] == [0, 1, 2, 3, 4]  # even spread over the classes
+    assert saved["sampler"] == {**saved["sampler"], "name": "ddpm", "steps": 4, "nfe": 4}
+    assert saved["config"]["seed"] == 0 and saved["config"]["sampler"]["steps"] == 4
+    assert saved["config"]["batch_size"] == 3 and saved["config"]["ckpt"] == str(checkpoints["stage2"])
+    timing = saved["timing"]
+    assert timing["seconds"] > 0
+    assert timing["images_per_second"] == pytest.approx(5 / timing["seconds"])
+    # trajectory: 2 samples x 3 of the 4 steps (first and last included), decoded 16x16 images
+    assert saved["trajectory"]["timesteps"][0] == 99 and len(saved["trajectory"]["timesteps"]) == 3
+    assert Image.open(out / "trajectory.png").size == (3 * 18 + 2, 2 * 18 + 2)
+
+
+def test_guidance_and_labels(checkpoints, tmp_path):
+    ckpt = checkpoints["stage2"]
+    labels = ["class_label=[3,7]", "num_samples=4", "batch_size=4"]
+    guided = run(sample_cfg(tmp_path, ckpt, *labels, "guidance_scale=3", out="g3"))
+    plain = run(sample_cfg(tmp_path, ckpt, *labels, "guidance_scale=1", out="g1"))
+    assert guided["labels"] == plain["labels"] == [3, 7, 3, 7]
+    assert guided["guidance_scale"] == 3.0
+    assert png_bytes(tmp_path / "g3") != png_bytes(tmp_path / "g1")
+
+    # guidance_scale=1 is plain conditional sampling: the model's own sample() with these labels
+    model, _ = load_latent_diffusion(ckpt)
+    sampler = hydra.utils.instantiate(sample_cfg(tmp_path, ckpt, out="unused").sampler)(
+        schedule=model.schedule
+    )
+    images = model.sample(4, class_labels=torch.tensor([3, 7, 3, 7]),
+                          generator=torch.Generator().manual_seed(0), sampler=sampler)
+    for i, image in enumerate(images):
+        save_png(image, tmp_path / f"direct{i}.png")
+        assert (tmp_path / f"direct{i}.png").read_bytes() == (tmp_path / "g1" / f"{i:05d}.png").read_bytes()
+
+    # a single int label applies to every sample
+    single = run(sample_cfg(tmp_path, ckpt, "class_label=9", out="single"))
+    assert single["labels"] == [9] * 5
+
+
+def test_resolve_labels():
+    assert resolve_labels(None, 12, 10, 1.0).tolist() == [*range(10), 0, 1]
+    assert resolve_labels(4, 3, 10, 2.0).tolist() == [4, 4, 4]
+    assert resolve_labels([1, 2], 5, 10, 1.0).tolist() == [1, 2, 1, 2, 1]
+    assert resolve_labels(None, 3, None, 1.0) is None
+    with pytest.raises(UserError, match=r"class_label=-1 is outside the model's classes 0\.\.9"):
+        resolve_labels([2, -1], 3, 10, 1.0)
+    with pytest.raises(UserError, match="class_label=3 given but the checkpoint's model is unconditional"):
+        resolve_labels(3, 3, None, 1.0)
+    with pytest.raises(UserError, match=r"guidance_scale=2\.0 needs a class-conditional model"):
+        resolve_labels(None, 3, None, 2.0)
+
+
+# ------------------------------------------------------------------------------ the CLI
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_writes_samples(checkpoints, tmp_path):
+    out = tmp_path / "cli"
+    proc = run_cli(tmp_path, f"ckpt={checkpoints['stage2']}", f"out_dir={out}", *FAST, "fid=false")
+    assert proc.returncode == 0, proc.stderr
+    assert "sampled 5 images (ddpm, 4 steps" in proc.stdout
+    assert len(list(out.glob("0*.png"))) == 5
+    assert json.loads((out / "samples.json").read_text())["config"]["fid"] is False
+    # Hydra itself wrote nothing (no .hydra/, no log file) next to out_dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]
+
+
+BAD_INPUTS = {
+    "missing file": (["ckpt={tmp}/missing.ckpt"], "missing.ckpt"),
+    "stage-1 checkpoint": (["ckpt={stage1}"], "is a stage-1 (autoencoder) checkpoint"),
+    "steps <= 0": (["ckpt={stage2}", "sampler.steps=0"], "sampler.steps=0"),
+    "label outside classes": (["ckpt={stage2}", "class_label=10"], "class_label=10 is outside"),
+    "unknown sampler": (["ckpt={stage2}", "sampler=euler"], "sampler='euler' is not an option"),
+    "num_samples <= 0": (["ckpt={stage2}", "num_samples=0"], "num_samples=0"),
+    "batch_size <= 0": (["ckpt={stage2}", "batch_size=-2"], "batch_size=-2"),
+    "fid not a bool": (["ckpt={stage2}", "fid=maybe"], "fid='maybe' must be true or false"),
+    "no ckpt": ([], "ckpt is required"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_line_exit_2_nothing_written(case, checkpoints, tmp_path):
+    args, needle = BAD_INPUTS[case]
+    paths = {"tmp": tmp_path, "stage1": checkpoints["stage1"], "stage2": checkpoints["stage2"]}
+    out = tmp_path / "out"
+    # FAST first: each case's own setting overrides it
+    proc = run_cli(tmp_path, *FAST, *(a.format(**paths) for a in args), f"out_dir={out}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert lines[0].startswith("error: ")
+    assert proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # no out_dir, no Hydra files
+
+
+class WritesFile:
+    """Unpickling this calls open(path, "w"): it creates `path` if the loader runs pickled code."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_callable_is_refused_without_running(checkpoints, tmp_path):
+    stage2 = torch.load(checkpoints["stage2"], weights_only=True)
+
+    def hostile(marker: Path) -> Path:
+        path = tmp_path / f"hostile_{marker.name}.ckpt"
+        torch.save({**stage2, "payload": WritesFile(marker)}, path)
+        return path
+
+    # The payload is live: an unsafe load (weights_only=False) does create its marker.
+    control = tmp_path / "control_marker"
+    torch.load(hostile(control), weights_only=False)
+    assert control.exists()
+
+    marker = tmp_path / "marker"
+    out = tmp_path / "out"
+    proc = run_cli(tmp_path, f"ckpt={hostile(marker)}", f"out_dir={out}", *FAST)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refused" in lines[0] and "io.open" in lines[0], proc.stderr
+    assert not marker.exists() and not out.exists()
+
+
+# ------------------------------------------------------------------------------ FID and NFE sweep
+@pytest.mark.slow
+def test_fid_and_nfe_sweep(checkpoints, tmp_path, capsys):
+    budget = ["metrics.classifier.epochs=1", "metrics.kid_subsets=3", "metrics.kid_subset_size=4",
+              "metrics.batch_size=64"]
+    cfg = sample_cfg(tmp_path, checkpoints["stage2"], "num_samples=6", "nfe_sweep=[2,4]", *budget,
+                     fid=True)
+    record = run(cfg)
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["N"] == 6 and metrics["num_real"] > 1000  # digits train split
+    assert metrics["fid"] > 0 and metrics["kid"] == pytest.approx(metrics["kid"])
+    assert 0.0 <= metrics["cas"] <= 1.0  # conditional model on labelled data
+    assert metrics["checkpoint_sha256"] == record["checkpoint"]["sha256"]
+
+    sweep = json.loads((out / "nfe_sweep.json").read_text())
+    rows = sweep["rows"]
+    assert [r["steps"] for r in rows] == [2, 4] and [r["nfe"] for r in rows] == [2, 4]
+    assert all(r["N"] == 6 and r["seconds"] > 0 for r in rows)
+    # 4 steps with the same seed and settings regenerates the main run's images: same FID
+    assert rows[1]["fid"] == pytest.approx(metrics["fid"], rel=1e-9)
+    csv_lines = (out / "nfe_sweep.csv").read_text().splitlines()
+    assert csv_lines[0] == "steps,nfe,fid,kid,cas,seconds,images_per_second,N" and len(csv_lines) == 3
+    assert Image.open(out / "nfe_sweep.png").size[0] > 500
+    printed = capsys.readouterr().out
+    assert "NFE sweep (ddpm, N=6" in printed
+    assert any(line.split()[:2] == ["4", "4"] for line in printed.splitlines())

@@ -69,7 +69,9 @@ def fit_stage(stage: str, cfg: DictConfig, model: pl.LightningModule, datamodule
     callbacks += instantiate_callbacks(cfg.callbacks.get(stage))
     callbacks.append(StoreConfigInCheckpoint(stage, resolved))
     loggers = instantiate_loggers(cfg.get("logger"), name=f"{group}-{stage}", group=group)
-    trainer_cfg = OmegaConf.merge(cfg.trainer, cfg.stage_trainer.get(stage) or {})
+    trainer_cfg = OmegaConf.merge(
+        OmegaConf.to_container(cfg.trainer, resolve=True), cfg.stage_trainer.get(stage) or {}
+    )
     trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams({"stage": stage, **resolved})

@@ -72,8 +72,9 @@ def check_ldm_checkpoint(ckpt: Any, path: str | Path, expected_stage: str | None
         raise UserError(f"{path!r} names an unknown stage {stage!r}; expected one of {STAGES}")
     if expected_stage is not None and stage != expected_stage:
         number = "1" if stage == "autoencoder" else "2"
+        article = "an" if expected_stage == "autoencoder" else "a"
         raise UserError(
-            f"{path!r} is a stage-{number} ({stage}) checkpoint; a {expected_stage} checkpoint is needed"
+            f"{path!r} is a stage-{number} ({stage}) checkpoint; {article} {expected_stage} checkpoint is needed"
         )
 
 

@@ -1,0 +1,242 @@
+"""Start-up checks: a bad config or an unusable output dir fails in one line before anything trains.
+
+`validate_config(cfg)` checks the composed run config (missing values, settings that cannot work
+together, the stage-1 checkpoint that stage 2 would use); `check_writable(path)` checks a directory
+can take files and has room. Each raises `UserError` naming the setting and what it should be.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from ldm.utils.errors import UserError
+
+STAGES = ("all", "autoencoder", "diffusion")
+IMAGE_FOLDER_MODE_CHANNELS = {"RGB": 3, "L": 1}
+MIN_FREE_MB = 100
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject a run config that cannot train, before any data is read or model built.
+
+    For `stage=diffusion` the stage-1 checkpoint's stored config is read (tensors memory-mapped,
+    not loaded) and checked against `data`, and the UNet is checked against the autoencoder that
+    checkpoint describes, which is the one stage 2 will use.
+    """
+    if cfg.get("stage") not in STAGES:
+        raise UserError(f"stage={cfg.get('stage')!r} is not one of {'|'.join(STAGES)}")
+    check_missing(cfg)
+    check_resolvable(cfg)
+    check_run_keys(cfg)
+    check_data(cfg.data)
+    if cfg.stage == "diffusion":
+        cfg = with_stage1_autoencoder(cfg)
+    autoencoder = OmegaConf.to_container(cfg.model.autoencoder, resolve=True)
+    check_downsampling(cfg.data.image_size, autoencoder)
+    if cfg.stage in ("all", "autoencoder"):
+        check_autoencoder_stage_trainer(cfg)
+    if cfg.stage in ("all", "diffusion"):
+        check_unet(cfg, autoencoder)
+
+
+def find_missing(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is a literal `???`, found without resolving interpolations (OmegaConf's
+    own missing_keys resolves them, and fails on the hydra node)."""
+    found = []
+    for key in node.keys() if OmegaConf.is_dict(node) else range(len(node)):
+        full = f"{prefix}.{key}" if OmegaConf.is_dict(node) else f"{prefix}[{key}]"
+        full = full.lstrip(".")
+        if OmegaConf.is_interpolation(node, key):
+            continue
+        if OmegaConf.is_missing(node, key):
+            found.append(full)
+        elif OmegaConf.is_config(node[key]):
+            found += find_missing(node[key], full)
+    return found
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """A `???` value left unset (e.g. `data=image_folder` without `data.root`)."""
+    missing = [k for k in find_missing(cfg) if not k.startswith("hydra.")]
+    if missing:
+        more = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise UserError(f"{missing[0]} is required but not set{more}: add {missing[0]}=VALUE to the command line")
+
+
+def check_resolvable(cfg: DictConfig) -> None:
+    """Every interpolation resolves (a dangling `${...}` would otherwise fail mid-run)."""
+    try:
+        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except OmegaConfBaseException as err:
+        where = getattr(err, "full_key", None) or "config"
+        raise UserError(f"{where}: {str(err).splitlines()[0]}") from err
+
+
+def check_run_keys(cfg: DictConfig) -> None:
+    ckpt_path, ae_ckpt = cfg.get("ckpt_path"), cfg.get("autoencoder_ckpt")
+    if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():
+        raise UserError(f"ckpt_path={ckpt_path!r} does not exist; give a checkpoint file, `last`, or null")
+    if cfg.stage == "diffusion" and not ae_ckpt:
+        raise UserError("stage=diffusion needs autoencoder_ckpt=PATH (a stage-1 checkpoint)")
+    if cfg.stage == "diffusion" and not Path(ae_ckpt).is_file():
+        raise UserError(f"autoencoder_ckpt={ae_ckpt!r} does not exist; give a stage-1 checkpoint file")
+    if cfg.stage != "diffusion" and ae_ckpt:
+        raise UserError(
+            f"autoencoder_ckpt={ae_ckpt!r} is used only with stage=diffusion; stage={cfg.stage} "
+            "trains a new autoencoder (drop autoencoder_ckpt or set stage=diffusion)"
+        )
+
+
+def check_data(data: DictConfig) -> None:
+    mode = OmegaConf.select(data, "source.mode")
+    if mode in IMAGE_FOLDER_MODE_CHANNELS and data.get("num_channels") != IMAGE_FOLDER_MODE_CHANNELS[mode]:
+        raise UserError(
+            f"data.num_channels={data.get('num_channels')} but data.source.mode={mode} gives "
+            f"{IMAGE_FOLDER_MODE_CHANNELS[mode]}; set data.num_channels={IMAGE_FOLDER_MODE_CHANNELS[mode]}"
+        )
+
+
+def downsample_factor(autoencoder: dict[str, Any]) -> int:
+    """f = 2 ** (len(encoder.ch_mult) - 1): the encoder halves H and W after every level but the last."""
+    return 2 ** (len(autoencoder["encoder"]["ch_mult"]) - 1)
+
+
+def check_downsampling(image_size: int, autoencoder: dict[str, Any]) -> None:
+    f = downsample_factor(autoencoder)
+    if image_size % f:
+        sizes = ", ".join(str(s) for s in range(f * (image_size // f), image_size + 2 * f, f) if s > 0)
+        raise UserError(
+            f"data.image_size={image_size} is not divisible by the autoencoder's downsampling factor "
+            f"{f} (its encoder.ch_mult has {len(autoencoder['encoder']['ch_mult'])} levels); "
+            f"use a multiple of {f}, e.g. {sizes}"
+        )
+
+
+def check_autoencoder_stage_trainer(cfg: DictConfig) -> None:
+    """Lightning rejects trainer.gradient_clip_val for manual optimization (the autoencoder's GAN
+    steps) only when stage 1 starts; say so up front and name the setting that does apply."""
+    clip = OmegaConf.select(cfg, "stage_trainer.autoencoder.gradient_clip_val",
+                            default=cfg.trainer.get("gradient_clip_val"))
+    if clip:
+        raise UserError(
+            f"trainer.gradient_clip_val={clip} does not apply to the autoencoder (it steps its own "
+            f"optimizers); set model.autoencoder.grad_clip={clip} and "
+            f"stage_trainer.diffusion.gradient_clip_val={clip} instead"
+        )
+
+
+def check_unet(cfg: DictConfig, autoencoder: dict[str, Any]) -> None:
+    """The UNet denoises latents: its channels, depth and classes must fit the autoencoder and data."""
+    unet = OmegaConf.select(cfg, "model.diffusion.unet")
+    if unet is None:
+        return
+    unet = OmegaConf.to_container(unet, resolve=True)
+    latent_channels = autoencoder["latent_channels"]
+    for key in ("in_channels", "out_channels"):
+        if key in unet and unet[key] != latent_channels:
+            raise UserError(
+                f"model.diffusion.unet.{key}={unet[key]} but the autoencoder has latent_channels="
+                f"{latent_channels}; set model.diffusion.unet.{key}={latent_channels}"
+            )
+    f = downsample_factor(autoencoder)
+    latent_size, unet_f = cfg.data.image_size // f, 2 ** (len(unet.get("channel_mult", [1])) - 1)
+    if latent_size % unet_f:
+        raise UserError(
+            f"model.diffusion.unet.channel_mult={unet['channel_mult']} halves the {latent_size}x"
+            f"{latent_size} latents {len(unet['channel_mult']) - 1} times, which needs a multiple of "
+            f"{unet_f}; use fewer levels or a data.image_size that is a multiple of {unet_f * f}"
+        )
+    num_classes, data_classes = unet.get("num_classes"), cfg.data.get("num_classes")
+    if num_classes is not None and data_classes is None:
+        raise UserError(
+            f"model.diffusion.unet.num_classes={num_classes} but data.name={cfg.data.get('name')} has "
+            "no labels; set model.diffusion.unet.num_classes=null"
+        )
+    if num_classes is not None and num_classes != data_classes:
+        raise UserError(
+            f"model.diffusion.unet.num_classes={num_classes} but data.num_classes={data_classes}; "
+            f"set model.diffusion.unet.num_classes={data_classes}"
+        )
+
+
+def with_stage1_autoencoder(cfg: DictConfig) -> DictConfig:
+    """A copy of `cfg` whose model.autoencoder is the one stored in `autoencoder_ckpt` (as ldm.train
+    uses it), after checking that checkpoint was trained on data of this size and channel count."""
+    from ldm.utils.checkpoint import load_checkpoint  # torch: imported only when needed
+
+    path = cfg.autoencoder_ckpt
+    stored = load_checkpoint(path, expected_stage="autoencoder", mmap=True)["ldm"]["config"]
+    stored_data = stored.get("data", {})
+    size, channels = stored_data.get("image_size"), stored_data.get("num_channels")
+    if (size, channels) != (cfg.data.image_size, cfg.data.num_channels):
+        raise UserError(
+            f"autoencoder_ckpt={str(path)!r} was trained on {size}x{size} images with {channels} "
+            f"channel(s), but data.image_size={cfg.data.image_size} and data.num_channels="
+            f"{cfg.data.num_channels}; set data.image_size={size} data.num_channels={channels} "
+            "or train a new stage 1"
+        )
+    effective = copy.deepcopy(cfg)
+    with open_dict(effective):
+        effective.model.autoencoder = OmegaConf.create(stored["model"]["autoencoder"])
+    return effective
+
+
+def check_writable(path: str | Path, min_free_mb: float = MIN_FREE_MB, what: str = "output dir") -> Path:
+    """Create `path`, write, fsync and delete a probe file in it, and require `min_free_mb` free.
+
+    Run at start-up so a read-only, missing-parent or full disk fails now, not at the first
+    checkpoint after an epoch of training.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".ldm-write-probe-{os.getpid()}-{secrets.token_hex(4)}"
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(f"{what} {str(path)!r} is not writable ({reason}); choose a writable directory") from err
+    free_mb = shutil.disk_usage(path).free / 2**20
+    if free_mb < min_free_mb:
+        raise UserError(
+            f"{what} {str(path)!r} has {free_mb:.0f} MiB free, less than the {min_free_mb:g} MiB needed "
+            "for checkpoints and logs; free space or choose another directory"
+        )
+    return path
+
+
+class OutputDirCheck(HydraCallback):
+    """Hydra callback: check the run (or sweep) directory before Hydra creates it and writes its
+    `.hydra/` files there, which would otherwise fail with a traceback. Exits 2 with one line.
+
+    conf/hydra/default.yaml: `callbacks: {output_dir_check: {_target_: ldm.utils.validation.OutputDirCheck}}`
+    """
+
+    def __init__(self, min_free_mb: float = MIN_FREE_MB):
+        self.min_free_mb = min_free_mb
+
+    def check(self, path: str, what: str) -> None:
+        try:
+            check_writable(path, self.min_free_mb, what)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from err  # not an Exception: Hydra does not wrap it in a traceback
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.check(config.hydra.sweep.dir, "hydra.sweep.dir")

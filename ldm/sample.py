@@ -275,18 +275,6 @@ def generate(
     return torch.cat(images), time.perf_counter() - start  # (N, C, H, W)
 
 
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """One image (C, H, W) in [-1, 1] as an 8-bit PNG, grayscale for C=1 (torchvision's save_image
-    would write 3 channels), rounded the way save_image rounds."""
-    from PIL import Image
-
-    from ldm.utils.images import to_display_range
-
-    pixels = to_display_range(image).mul(255).add(0.5).clamp(0, 255).byte()  # (C, H, W) uint8
-    array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
-    Image.fromarray(array).save(path)
-
-
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
     """Images (N, C, H, W) in [-1, 1] as one PNG grid with `nrow` images per row."""
     from torchvision.utils import make_grid, save_image
@@ -478,6 +466,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     recorder = TrajectoryRecorder(settings.trajectory_samples) if settings.trajectory else None
     images, seconds = generate(model, sampler, settings, labels, device, "sampling", recorder)
+    from ldm.utils.images import save_png
+
     for i, image in enumerate(images):
         save_png(image, out / f"{i:05d}.png")
     files = [f"{0:05d}.png .. {len(images) - 1:05d}.png"]

@@ -18,9 +18,10 @@ from PIL import Image
 
 from ldm.callbacks.checkpoint_config import StoreConfigInCheckpoint
 from ldm.models.loading import load_latent_diffusion
-from ldm.sample import resolve_labels, run, save_png
+from ldm.sample import resolve_labels, run
 from ldm.utils.checkpoint import file_sha256
 from ldm.utils.errors import UserError
+from ldm.utils.images import save_png
 from tests.conftest import ROOT, compose_config
 
 # sklearn digits at 16x16, f=4 KL autoencoder -> 4x4x4 latents, tiny UNet with 10 classes, T=100.
@@ -171,6 +172,17 @@ def test_resolve_labels():
         resolve_labels(3, 3, None, 1.0)
     with pytest.raises(UserError, match=r"guidance_scale=2\.0 needs a class-conditional model"):
         resolve_labels(None, 3, None, 2.0)
+
+
+def test_save_png_values(tmp_path):
+    rgb = torch.tensor([[[-1.0, 0.0]], [[1.0, 2.0]], [[0.5, -3.0]]])  # (3, 1, 2)
+    save_png(rgb, tmp_path / "rgb.png")
+    image = Image.open(tmp_path / "rgb.png")
+    assert image.mode == "RGB" and list(image.getdata()) == [(0, 255, 191), (128, 255, 0)]
+    save_png(rgb[:1], tmp_path / "grey.png")
+    assert list(Image.open(tmp_path / "grey.png").getdata()) == [0, 128]
+    with pytest.raises(ValueError, match=r"\(2, 1, 2\)"):
+        save_png(rgb[:2], tmp_path / "two.png")
 
 
 # ------------------------------------------------------------------------------ the CLI

@@ -1,5 +1,6 @@
 """Image-grid logging shared by both stages: one call sends a grid to every logger that takes
-images (W&B, TensorBoard) and always saves a PNG under the run's log dir."""
+images (W&B, TensorBoard) and always saves a PNG under the run's log dir; `save_png` writes one
+image as an 8-bit PNG (sample.py's per-sample files)."""
 
 from pathlib import Path
 
@@ -37,3 +38,16 @@ def log_image_grid(trainer: Trainer, key: str, grid: torch.Tensor, step: int) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     torchvision.utils.save_image(grid, path)
     return path
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> None:
+    """One image (C, H, W) in [-1, 1] as an 8-bit PNG: grayscale for C=1 (torchvision's save_image
+    would write 3 channels), RGB for C=3, rounded the way save_image rounds. No timestamp or other
+    metadata, so equal pixels give equal bytes."""
+    from PIL import Image
+
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"image of shape {tuple(image.shape)} must be (C, H, W) with C in (1, 3)")
+    pixels = to_display_range(image).mul(255).add(0.5).clamp(0, 255).byte().cpu()  # (C, H, W) uint8
+    array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()  # (H, W[, 3])
+    Image.fromarray(array).save(path)

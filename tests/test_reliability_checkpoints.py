@@ -277,3 +277,23 @@ def test_export_as_python_module(tmp_path, ae_ckpt):
     run = subprocess.run([sys.executable, "-m", "ldm.utils.export", str(ae_ckpt[0]), str(out)],
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0 and run.stdout.startswith(f"wrote {out}") and out.is_file()
+
+
+def test_safetensors_export_of_a_stage2_checkpoint(tmp_path):
+    from ldm.models.loading import load_latent_diffusion
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["debug=fast"], tmp_path)
+    config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    torch.manual_seed(0)
+    ae = safe_instantiate(config["model"]["autoencoder"])
+    model = safe_instantiate({k: v for k, v in config["model"]["diffusion"].items() if k != "latent_cache"},
+                             autoencoder=ae)
+    torch.save({"state_dict": model.state_dict(), "ldm": {"stage": "diffusion", "config": config}},
+               tmp_path / "ld.ckpt")
+    from_ckpt, _ = load_latent_diffusion(tmp_path / "ld.ckpt")
+    loaded = load_safetensors_export(export_safetensors(tmp_path / "ld.ckpt", tmp_path / "ld.safetensors"))
+    assert type(loaded) is type(model)
+    for key, value in from_ckpt.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert torch.equal(loaded.autoencoder.scale_factor, model.autoencoder.scale_factor)

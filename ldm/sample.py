@@ -286,8 +286,8 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
 
 def save_trajectory(model: Any, recorder: TrajectoryRecorder, columns: int, device: torch.device,
                     precision: str, path: Path) -> list[int]:
-    """Decoded x0 predictions as one image: a row per sample, `columns` evenly spaced steps (the last
-    included) from left (noisy) to right (final). Returns the timesteps shown."""
+    """Decoded x0 predictions as one image: a row per sample, `columns` evenly spaced steps from the
+    first (t = T-1: a blurry mean) to the last (the final sample). Returns the timesteps shown."""
     import torch
 
     steps = len(recorder.x0_preds)
@@ -510,8 +510,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                    "batch_size": settings.batch_size},
         "trajectory": trajectory,
         "torch": torch.__version__,
-        "files": files,
+        "files": [*files, "samples.json"],
     }
+    write_json(record, out / "samples.json")  # now, so a failing evaluation below keeps it
     print(
         f"sampled {len(images)} images ({record['sampler']['name']}, {sampler.steps} steps, "
         f"{record['weights']} weights, {device}, precision {settings.precision}) in {seconds:.2f}s "

@@ -6,16 +6,18 @@ import itertools
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
+from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.loggers import CSVLogger
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from ldm.callbacks.fid import FIDCallback, rank_share
-from ldm.data import ImageDataModule, MNIST5k, SklearnDigits
+from ldm.data import ImageDataModule, LatentTensors, MNIST5k, SklearnDigits
 from ldm.metrics.fid import (
     INCEPTION_FILE_NAMES,
     ClassifierFeatures,
@@ -166,8 +168,8 @@ def test_bad_inputs_name_the_bad_value():
         build_extractor("vgg")
     with pytest.raises(ValueError, match="every_n_epochs=-1"):
         FIDCallback(every_n_epochs=-1)
-    with pytest.raises(ValueError, match="sampler_steps=10"):
-        FIDCallback(sampler_steps=10)
+    with pytest.raises(ValueError, match="sampler_steps=0"):
+        FIDCallback(sampler_steps=0)
     unlabeled = ImageDataModule(SklearnDigits(32), name="d", image_size=32, num_channels=1, num_classes=None)
     with pytest.raises(ValueError, match="needs a labeled dataset"):
         get_or_train_classifier(unlabeled, "unused")
@@ -323,6 +325,11 @@ class BankGenerator(pl.LightningModule):
         self.num_classes = num_classes
         self.images, self.labels = images, labels
         self.calls: list[torch.Tensor | None] = []
+        self.samplers: list = []
+        self.weights_seen: list[float] = []
+
+    def build_sampler(self, **overrides):
+        return {"sampler": "configured", **overrides}
 
     def training_step(self, batch, batch_idx):
         return (batch["image"].mean() - self.weight) ** 2
@@ -330,11 +337,16 @@ class BankGenerator(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", (batch["image"].mean() - self.weight) ** 2)
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.last_raw_weight = float(self.weight.detach())
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def sample(self, num_samples, class_labels=None, guidance_scale=1.0, generator=None, sampler=None, **kw):
         self.calls.append(None if class_labels is None else class_labels.cpu())
+        self.samplers.append(sampler)
+        self.weights_seen.append(float(self.weight.detach()))
         if class_labels is None:
             idx = torch.randint(len(self.images), (num_samples,), generator=generator)
             return self.images[idx]
@@ -345,10 +357,10 @@ class BankGenerator(pl.LightningModule):
         return self.images[torch.cat(picks)]  # (N, C, H, W) in [-1, 1]
 
 
-def fit(callback: FIDCallback, model: BankGenerator, dm: ImageDataModule, tmp_path, max_epochs: int = 1) -> pl.Trainer:
+def fit(callbacks, model: BankGenerator, dm, tmp_path, max_epochs: int = 1) -> pl.Trainer:
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, limit_train_batches=2, limit_val_batches=1,
-        logger=CSVLogger(tmp_path, name="csv"), callbacks=[callback], enable_checkpointing=False,
+        accelerator="cpu", max_epochs=max_epochs, limit_train_batches=2, limit_val_batches=1, log_every_n_steps=1,
+        logger=CSVLogger(tmp_path, name="csv"), callbacks=callbacks, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=dm)
@@ -363,7 +375,7 @@ def test_callback_logs_fid_kid_cas_and_references(tmp_path):
         num_samples=60, batch_size=25, every_n_epochs=1, cache_dir=tmp_path / "cache",
         classifier=TINY_CLASSIFIER, progress_bar=False,
     )
-    trainer = fit(callback, model, dm, tmp_path)
+    trainer = fit([callback], model, dm, tmp_path)
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert m["val/fid_num_samples"] == 60 and m["ref/fid_noise_ceiling_num_samples"] == 60
     assert m["ref/fid_real_floor_num_samples"] == len(dm.val_dataset)
@@ -372,7 +384,7 @@ def test_callback_logs_fid_kid_cas_and_references(tmp_path):
     assert 0 < m["ref/fid_real_floor"] < m["ref/fid_noise_ceiling"] / 10
     assert m["val/cas"] > 0.8 and math.isfinite(m["val/kid"])
     # Batches of 25, labels spread evenly over the 10 classes.
-    assert [len(c) for c in model.calls] == [25, 25, 10]
+    assert [len(c) for c in model.calls] == [25, 25, 10] and model.samplers == [None] * 3
     assert torch.bincount(torch.cat(model.calls), minlength=10).tolist() == [6] * 10
     # The CSV logger got val/fid; the caches hold the classifier, the real features, the references.
     rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
@@ -389,16 +401,46 @@ def test_callback_schedule_unconditional_and_disabled(tmp_path):
     model = BankGenerator(val_x, val_y, num_classes=None)
     callback = FIDCallback(
         num_samples=20, batch_size=20, every_n_epochs=2, cache_dir=tmp_path / "cache",
-        classifier=TINY_CLASSIFIER, progress_bar=False, log_reference=False,
+        classifier=TINY_CLASSIFIER, progress_bar=False, log_reference=False, sampler_steps=7,
     )
-    trainer = fit(callback, model, dm, tmp_path, max_epochs=3)
+    trainer = fit([callback], model, dm, tmp_path, max_epochs=3)
     # Epoch 2 (every 2nd) and epoch 3 (the last); unconditional: no labels, no CAS.
     assert model.calls == [None, None]
+    assert model.samplers == [{"sampler": "configured", "steps": 7}] * 2
     assert "val/fid" in trainer.callback_metrics and "val/cas" not in trainer.callback_metrics
     assert "ref/fid_real_floor" not in trainer.callback_metrics
 
     model = BankGenerator(val_x, val_y)
     off = FIDCallback(every_n_epochs=0, cache_dir=tmp_path / "off")
-    trainer = fit(off, model, dm, tmp_path / "second")
+    trainer = fit([off], model, dm, tmp_path / "second")
     assert model.calls == [] and "val/fid" not in trainer.callback_metrics
     assert not (tmp_path / "off").exists()
+
+
+def test_callback_samples_with_ema_weights_and_checks_the_order(tmp_path):
+    dm = make_dm(SklearnDigits(image_size=32))
+    val_x, val_y = collect_images(dm.val_dataset)
+    model = BankGenerator(val_x, val_y)
+    fid = FIDCallback(num_samples=10, batch_size=10, every_n_epochs=1, cache_dir=tmp_path / "cache",
+                      classifier=TINY_CLASSIFIER, progress_bar=False, log_reference=False)
+    ema = WeightAveraging()
+    trainer = fit([fid, ema], model, dm, tmp_path, max_epochs=2)
+    # FID sampled with the averaged weight (copied into the model at the end of training), not with
+    # the raw weight SGD reached at the last step.
+    assert model.weights_seen[-1] == pytest.approx(float(model.weight.detach()))
+    assert abs(model.weights_seen[-1] - model.last_raw_weight) > 1e-3
+    assert "val/fid" in trainer.callback_metrics
+    with pytest.raises(UserError, match="before FIDCallback"):
+        fit([WeightAveraging(), fid], BankGenerator(val_x, val_y), dm, tmp_path / "wrong")
+
+
+def test_callback_refuses_a_latents_data_module(tmp_path):
+    latents = tmp_path / "latents.pt"
+    torch.save({"latents": torch.randn(40, 2, 8, 8), "labels": torch.arange(40) % 10}, latents)
+    dm = make_dm(LatentTensors(str(latents), num_classes=10), image_size=32, num_channels=2)
+    with pytest.raises(UserError, match=r"serves \['label', 'latent'\].*image_datamodule"):
+        FIDCallback(datamodule=dm).image_datamodule(trainer=None)
+    # A latents module that names its images is followed to them.
+    images = make_dm(SklearnDigits(image_size=32))
+    dm.image_datamodule = images
+    assert FIDCallback().image_datamodule(SimpleNamespace(datamodule=dm)) is images

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import WeightAveraging
 from tqdm import tqdm
 
 from ldm.metrics.fid import (
@@ -34,12 +35,8 @@ log = logging.getLogger(__name__)
 
 
 def model_num_classes(pl_module: pl.LightningModule) -> int | None:
-    """Classes the model is conditioned on (None when unconditional): `pl_module.num_classes`,
-    else its UNet's `num_classes`."""
-    num_classes = getattr(pl_module, "num_classes", None)
-    if num_classes is None:
-        num_classes = getattr(getattr(pl_module, "unet", None), "num_classes", None)
-    return num_classes
+    """Classes the model is conditioned on (LatentDiffusion.num_classes); None when unconditional."""
+    return getattr(pl_module, "num_classes", None)
 
 
 def rank_share(num_samples: int, rank: int, world_size: int) -> range:
@@ -58,8 +55,8 @@ class FIDCallback(pl.Callback):
         cache_dir: root of the caches (`${paths.cache_dir}`).
         inception_weights: path of the FID Inception weights (extractor="inception"); None looks in
             the torch hub cache.
-        sampler: a sampler factory (the Hydra `sampler` config, `_partial_`), used with `sampler_steps`.
-        sampler_steps: evaluate with this many sampler steps instead of the model's own sampler.
+        sampler_steps: evaluate with the model's sampler at this many steps
+            (`pl_module.build_sampler(steps=...)`); None: the model's configured sampler as is.
         guidance_scale: classifier-free guidance scale for conditional models.
         kid_subsets: number of random subsets KID is averaged over.
         kid_subset_size: KID subset size (capped by the numbers of real and generated images).
@@ -79,7 +76,6 @@ class FIDCallback(pl.Callback):
         every_n_epochs: int = 10,
         cache_dir: str | Path = ".cache/ldm",
         inception_weights: str | Path | None = None,
-        sampler: Callable[..., Any] | None = None,
         sampler_steps: int | None = None,
         guidance_scale: float = 1.0,
         kid_subsets: int = 20,
@@ -97,13 +93,11 @@ class FIDCallback(pl.Callback):
             raise UserError(f"fid.num_samples={num_samples} must be >= 2")
         if batch_size <= 0:
             raise UserError(f"fid.batch_size={batch_size} must be positive")
-        if sampler_steps is not None and (sampler_steps <= 0 or sampler is None):
-            raise UserError(
-                f"fid.sampler_steps={sampler_steps} needs steps > 0 and the sampler config (sampler: ${{sampler}})"
-            )
+        if sampler_steps is not None and sampler_steps <= 0:
+            raise UserError(f"fid.sampler_steps={sampler_steps} must be positive (or null: the model's own steps)")
         self.extractor_name, self.num_samples, self.batch_size = extractor, num_samples, batch_size
         self.every_n_epochs, self.cache_dir, self.inception_weights = every_n_epochs, cache_dir, inception_weights
-        self.sampler_factory, self.sampler_steps, self.guidance_scale = sampler, sampler_steps, guidance_scale
+        self.sampler_steps, self.guidance_scale = sampler_steps, guidance_scale
         self.kid_subsets, self.kid_subset_size, self.seed = kid_subsets, kid_subset_size, seed
         self.classifier_settings = dict(classifier or {})
         self.log_reference, self.progress_bar, self.datamodule = log_reference, progress_bar, datamodule
@@ -123,6 +117,19 @@ class FIDCallback(pl.Callback):
         last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs
         return (epoch + 1) % self.every_n_epochs == 0 or last
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Sample with the EMA weights: an EMA callback (WeightAveraging) swaps them in at validation
+        epoch start and back out in its own on_validation_epoch_end, so it must come after this one."""
+        if self.every_n_epochs == 0:
+            return
+        mine = trainer.callbacks.index(self)
+        ema = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, WeightAveraging)]
+        if ema and ema[0] < mine:
+            raise UserError(
+                f"callback {type(trainer.callbacks[ema[0]]).__name__} (EMA) comes before FIDCallback; list the "
+                "fid callback before the ema callback so FID is computed with the EMA weights"
+            )
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.should_evaluate(trainer):
             return
@@ -132,9 +139,18 @@ class FIDCallback(pl.Callback):
     # -- setup --------------------------------------------------------------------------------------
 
     def image_datamodule(self, trainer: pl.Trainer) -> pl.LightningDataModule:
+        """The data module of real images: the given one, the trainer's `image_datamodule` (a latents
+        module points to the images it encodes), or the trainer's own."""
         datamodule = self.datamodule or getattr(trainer.datamodule, "image_datamodule", None) or trainer.datamodule
         if datamodule is None:
             raise UserError("FIDCallback needs a data module of real images (trainer.fit(..., datamodule=...))")
+        datamodule.setup("fit")
+        keys = sorted(datamodule.train_dataset[0])
+        if "image" not in keys:
+            raise UserError(
+                f"FIDCallback needs real images but the data module serves {keys}; give it an "
+                "`image_datamodule` (the images the latents came from) or pass FIDCallback(datamodule=...)"
+            )
         return datamodule
 
     def _rank_zero_first(self, trainer: pl.Trainer, fn: Callable[[], Any]) -> Any:
@@ -148,7 +164,6 @@ class FIDCallback(pl.Callback):
     def setup_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the extractor (training the classifier once), load the cached real features."""
         datamodule = self.image_datamodule(trainer)
-        datamodule.setup("fit")
         cache = fid_cache_dir(self.cache_dir, datamodule.fingerprint())
 
         def load() -> tuple[Any, Any, torch.Tensor]:
@@ -201,10 +216,11 @@ class FIDCallback(pl.Callback):
         device = pl_module.device
         labels = self.sample_labels(model_num_classes(pl_module), device)
         share = torch.tensor(list(rank_share(self.num_samples, trainer.global_rank, trainer.world_size)), device=device)
-        generator = torch.Generator(device=device).manual_seed(self.seed + trainer.global_rank)
+        # A CPU generator: the same noise on any device (the model draws x_T on the generator's device).
+        generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
         kwargs: dict[str, Any] = {}
         if self.sampler_steps is not None:
-            kwargs["sampler"] = self.sampler_factory(schedule=pl_module.schedule, steps=self.sampler_steps)
+            kwargs["sampler"] = pl_module.build_sampler(steps=self.sampler_steps)
         if labels is not None and self.guidance_scale != 1.0:
             kwargs["guidance_scale"] = self.guidance_scale
         batches = range(0, len(share), self.batch_size)

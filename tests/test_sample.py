@@ -212,6 +212,7 @@ BAD_INPUTS = {
     "num_samples <= 0": (["ckpt={stage2}", "num_samples=0"], "num_samples=0"),
     "batch_size <= 0": (["ckpt={stage2}", "batch_size=-2"], "batch_size=-2"),
     "fid not a bool": (["ckpt={stage2}", "fid=maybe"], "fid='maybe' must be true or false"),
+    "unknown FID extractor": (["ckpt={stage2}", "fid@metrics=bar"], "fid@metrics='bar' is not an option"),
     "no ckpt": ([], "ckpt is required"),
 }
 

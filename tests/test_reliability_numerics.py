@@ -150,3 +150,31 @@ def test_trainer_config_clips_gradients_and_writes_atomically(tmp_path):
     trainer = hydra.utils.instantiate(cfg, logger=False)
     assert trainer.gradient_clip_val == 0.5
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+class NanOnRank1(Tiny):
+    """NaN on one DDP rank only: in the loss with a gradient path (`grad`) or as a constant term."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == 2 and self.global_rank == 1:
+            loss = loss * float("nan") if self.kind == "grad" else loss + float("nan")
+        return loss
+
+
+@pytest.mark.parametrize("kind", ["grad", "constant"])
+def test_ddp_all_ranks_stop_together(tmp_path, kind):
+    """A NaN on one rank must stop every rank (no rank left waiting in a collective)."""
+    data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=6, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[NonFiniteGuard()],
+        enable_checkpointing=False,
+    )
+    what = r"gradients in 2 of 2 parameter tensors \(first: net.weight\)" if kind == "grad" else "training loss"
+    with pytest.raises(Exception, match=rf"NonFiniteError: non-finite {what}.* at global step \d \(epoch 0, batch 2\)"):
+        trainer.fit(NanOnRank1(kind), DataLoader(data, batch_size=4))

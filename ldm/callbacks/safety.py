@@ -89,11 +89,11 @@ class NonFiniteGuard(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not self.batch_flagged and torch.is_tensor(loss):
-            bad = not all_finite([loss])
+            local_bad = bad = not all_finite([loss])
             if trainer.world_size > 1:  # losses differ per rank; all ranks must stop or skip alike
                 bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
             if bad:
-                self.flag(trainer, f"training loss ({loss.item():.4g})")
+                self.flag(trainer, f"training loss ({loss.item():.4g})" if local_bad else "training loss on another rank")
         if self.skip_nonfinite:
             pl_module.log("train/nonfinite_skipped", float(self.num_skipped), on_step=True, on_epoch=False)
 

@@ -23,20 +23,12 @@ from ldm.models.loading import load_autoencoder
 from ldm.utils.errors import UserError
 from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from ldm.utils.manifest import write_run_files
+from ldm.utils.validation import check_writable, validate_config
 
 log = logging.getLogger(__name__)
 
-STAGES = ("all", "autoencoder", "diffusion")
 # Keys of model/diffusion that configure the run, not the LightningModule's constructor.
 DIFFUSION_RUN_KEYS = ("latent_cache",)
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Reject bad top-level settings before anything is built (one-line UserErrors)."""
-    if cfg.stage not in STAGES:
-        raise UserError(f"stage={cfg.stage!r} is not one of {'|'.join(STAGES)}")
-    if cfg.stage == "diffusion" and not cfg.get("autoencoder_ckpt"):
-        raise UserError("stage=diffusion needs autoencoder_ckpt=PATH (a stage-1 checkpoint)")
 
 
 def finish_wandb() -> None:
@@ -146,8 +138,8 @@ def metric_value(results: dict[str, dict[str, Any]], name: str | None) -> float 
 def run(cfg: DictConfig) -> float | None:
     """Train the stages `cfg.stage` names; returns `cfg.optimized_metric` (for sweeps)."""
     validate_config(cfg)
+    output_dir = check_writable(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)
     if rank_zero_only.rank == 0:
         write_run_files(output_dir, cfg, datamodule.fingerprint())
@@ -164,13 +156,14 @@ def run(cfg: DictConfig) -> float | None:
         if cfg.stage in ("all", "diffusion"):
             autoencoder, ae_config = load_autoencoder(autoencoder_ckpt)
             use_autoencoder_config(cfg, ae_config)
-            module_cfg = {k: v for k, v in cfg.model.diffusion.items() if k not in DIFFUSION_RUN_KEYS}
-            model = hydra.utils.instantiate(OmegaConf.create(module_cfg), autoencoder=autoencoder)
+            diffusion_cfg = OmegaConf.to_container(cfg.model.diffusion, resolve=True)
+            module_cfg = {k: v for k, v in diffusion_cfg.items() if k not in DIFFUSION_RUN_KEYS}
+            model = hydra.utils.instantiate(module_cfg, autoencoder=autoencoder)
             stage_data = datamodule
             if cfg.model.diffusion.get("latent_cache"):
                 from ldm.data.latent_cache import latent_cache_datamodule
 
-                stage_data = latent_cache_datamodule(autoencoder, autoencoder_ckpt, datamodule, cfg)
+                stage_data = latent_cache_datamodule(autoencoder, autoencoder_ckpt, datamodule, Path(cfg.paths.cache_dir) / "latents")
             results["diffusion"] = fit_stage("diffusion", cfg, model, stage_data, group)
             grid = save_final_grid(model, datamodule, cfg)
         print_summary(results, grid)

@@ -286,11 +286,9 @@ class SampleMetrics(nn.Module):
     def device(self) -> torch.device:
         return self.num_fake.device
 
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Extractor features (B, d) of images (B, C, H, W) in [-1, 1]."""
-        x01 = ((images.to(self.device).float() + 1.0) / 2.0).clamp(0.0, 1.0)
-        return self.extractor(x01)
+    def unit_range(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (the data convention) -> [0, 1] floats on this module's device."""
+        return ((images.to(self.device).float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def set_real_features(self, features: torch.Tensor) -> None:
         """Load the real features (N, d) (on rank 0 only when distributed); clears everything."""
@@ -311,12 +309,12 @@ class SampleMetrics(nn.Module):
     @torch.no_grad()
     def update(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Add generated images (B, C, H, W) in [-1, 1], with the labels they were generated for."""
-        feats = self.features(images)  # (B, d)
+        x01 = self.unit_range(images)
+        feats = self.extractor(x01)  # (B, d)
         self.fid.update(feats, real=False)
         self.kid.update(feats, real=False)
         self.num_fake += len(feats)
         if self.cas is not None and labels is not None:
-            x01 = ((images.to(self.device).float() + 1.0) / 2.0).clamp(0.0, 1.0)
             self.cas.update(self.classifier.logits(x01).argmax(1), labels.to(self.device))
 
     def _global_num_fake(self) -> int:

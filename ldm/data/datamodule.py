@@ -27,6 +27,8 @@ class ImageDataModule(pl.LightningDataModule):
     can interpolate them before any data is read) and checked against the data at `setup()`.
     `root` and `download` are the user-facing keys of file-based sources (`data.root=...`,
     `data.download=true`); their configs interpolate them into the source.
+    `image_datamodule`: for a module serving latents, the module of the images they were encoded
+    from (FID compares generated images against those).
     """
 
     def __init__(
@@ -45,12 +47,14 @@ class ImageDataModule(pl.LightningDataModule):
         drop_last: bool = True,
         root: str | None = None,
         download: bool = False,
+        image_datamodule: ImageDataModule | None = None,
     ):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"data.batch_size={batch_size} must be positive")
         self.source, self.name = source, name
         self.root, self.download = root, download
+        self.image_datamodule = image_datamodule
         self.image_size, self.num_channels, self.num_classes = image_size, num_channels, num_classes
         self.batch_size, self.val_fraction, self.split_seed = batch_size, val_fraction, split_seed
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last

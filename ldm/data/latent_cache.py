@@ -106,4 +106,5 @@ def latent_cache_datamodule(
         pin_memory=datamodule.pin_memory,
         persistent_workers=datamodule.persistent_workers,
         drop_last=datamodule.drop_last,
+        image_datamodule=datamodule,
     )

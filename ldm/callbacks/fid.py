@@ -27,6 +27,7 @@ from ldm.metrics.fid import (
     build_extractor,
     cached_real_features,
     fid_cache_dir,
+    real_features_path,
     reference_scores,
 )
 from ldm.utils.errors import UserError
@@ -172,7 +173,7 @@ class FIDCallback(pl.Callback):
                 self.classifier_settings, verbose=trainer.is_global_zero,
             )
             extractor.to(pl_module.device)
-            real_file = cache / f"real_train_{extractor.cache_key}.pt"
+            real_file = real_features_path(self.cache_dir, datamodule.fingerprint(), extractor)
             return extractor, classifier, cached_real_features(extractor, datamodule.train_dataset, real_file, self.batch_size)
 
         extractor, classifier, real = self._rank_zero_first(trainer, load)

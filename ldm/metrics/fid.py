@@ -373,6 +373,11 @@ def fid_cache_dir(cache_dir: str | Path, fingerprint: str) -> Path:
     return Path(cache_dir) / "fid" / fingerprint
 
 
+def real_features_path(cache_dir: str | Path, fingerprint: str, extractor: nn.Module, split: str = "train") -> Path:
+    """The cache file of one split's real features for one extractor (shared by training and sample.py)."""
+    return fid_cache_dir(cache_dir, fingerprint) / f"real_{split}_{extractor.cache_key}.pt"
+
+
 def cached_real_features(
     extractor: nn.Module, dataset: Dataset | Iterable, cache_file: Path | None, batch_size: int = 500
 ) -> torch.Tensor:

@@ -77,7 +77,7 @@ def test_train_refuses_an_unwritable_run_dir_before_hydra_writes(tmp_path):
     (tmp_path / "file").write_text("x")
     run = subprocess.run(
         [sys.executable, "train.py", "debug=fast", f"paths.log_dir={tmp_path / 'file'}/logs",
-         "+hydra.callbacks.output_dir_check._target_=ldm.utils.validation.OutputDirCheck"],
+         "++hydra.callbacks.output_dir_check._target_=ldm.utils.validation.OutputDirCheck"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert run.returncode == 2, run.stderr

@@ -80,7 +80,7 @@ def test_nan_stops_training_and_last_checkpoint_stays_good(tmp_path, manual):
         fit(model, tmp_path, [NonFiniteGuard()])
     message = str(err.value)
     assert "\n" not in message and "non-finite gradients" in message and "batch 3" in message
-    assert "(first: net.weight)" in message and "trainer.skip_nonfinite=true" in message
+    assert "(first: net.weight)" in message and "callbacks.common.nonfinite.skip_nonfinite=true" in message
     last = read_torch_file(tmp_path / "ckpt" / "last.ckpt")
     assert last["global_step"] == 3  # written after batch 2, the last finite step
     assert torch.isfinite(last["state_dict"]["net.weight"]).all()

@@ -17,8 +17,9 @@ from ldm.utils.errors import UserError
 log = logging.getLogger(__name__)
 
 ADVICE = (
-    "lower the learning rate, set trainer.gradient_clip_val (model.autoencoder.grad_clip for "
-    "stage 1), or set trainer.skip_nonfinite=true to skip such steps"
+    "lower the learning rate, clip gradients (model.autoencoder.grad_clip for stage 1, "
+    "stage_trainer.diffusion.gradient_clip_val for stage 2), or set "
+    "callbacks.common.nonfinite.skip_nonfinite=true to skip such steps"
 )
 
 
@@ -102,8 +103,8 @@ class NonFiniteGuard(pl.Callback):
         where = f"at global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {self.batch_idx})"
         if not self.skip_nonfinite:
             raise NonFiniteError(
-                f"non-finite {what} {where}; training stopped before the update, the newest "
-                f"checkpoint holds finite weights; {ADVICE}"
+                f"non-finite {what} {where}; training stopped before applying it (checkpoints "
+                f"written so far hold finite weights); {ADVICE}"
             )
         if not self.batch_flagged:
             self.num_skipped += 1

@@ -13,6 +13,7 @@ Interface used by stage 2 (see the contract):
     ae.latent_channels, ae.downsample_factor, ae.image_channels
 """
 
+import math
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ from ldm.utils.images import log_image_grid, to_display_range
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # a Hydra `_partial_` optimizer
 
 _REC_LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
+LR_SCHEDULES = ("constant", "cosine")
 _MODULE_ARGS = ["encoder", "decoder", "optimizer", "discriminator", "disc_optimizer", "quantizer"]
 
 
@@ -62,6 +64,9 @@ class Autoencoder(pl.LightningModule):
             not in `global_step`, which under manual optimization counts both optimizers).
         grad_clip: max gradient norm per optimizer step, or None (Trainer.gradient_clip_val is
             not available under manual optimization).
+        lr_schedule: "constant" or "cosine" (half-cosine decay to 0 over
+            `trainer.estimated_stepping_batches`, Loshchilov & Hutter 2017), after a linear
+            warm-up of `warmup_steps` batches; applied to every optimizer.
         num_log_images: inputs/reconstructions shown in the validation grid.
     """
 
@@ -78,11 +83,17 @@ class Autoencoder(pl.LightningModule):
         disc_weight: float = 0.0,
         disc_start: int = 0,
         grad_clip: float | None = None,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
         num_log_images: int = 8,
     ):
         super().__init__()
         if rec_loss not in _REC_LOSSES:
             raise ValueError(f"rec_loss={rec_loss!r} is not one of {sorted(_REC_LOSSES)}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={lr_schedule!r} is not one of {list(LR_SCHEDULES)}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
         if encoder.in_channels != image_channels or decoder.out_channels != image_channels:
             raise ValueError(
                 f"image_channels={image_channels} but encoder.in_channels={encoder.in_channels}, "
@@ -111,6 +122,8 @@ class Autoencoder(pl.LightningModule):
         self.disc_weight = disc_weight
         self.disc_start = disc_start
         self.grad_clip = grad_clip
+        self.lr_schedule = lr_schedule
+        self.warmup_steps = warmup_steps
         self.num_log_images = num_log_images
         # 1/std of the latents; set at the end of every validation epoch (before ModelCheckpoint
         # saves) or by `compute_scale_factor`. Persistent, so checkpoints carry it.
@@ -136,10 +149,33 @@ class Autoencoder(pl.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
-        opt_ae = self.optimizer_factory(params=self.ae_parameters())
-        if self.discriminator is None:
-            return opt_ae
-        return [opt_ae, self.disc_optimizer_factory(params=self.discriminator.parameters())]
+        opts = [self.optimizer_factory(params=self.ae_parameters())]
+        if self.discriminator is not None:
+            opts.append(self.disc_optimizer_factory(params=self.discriminator.parameters()))
+        if self.lr_schedule == "constant" and self.warmup_steps == 0:
+            return opts[0] if len(opts) == 1 else opts
+        total = self.trainer.estimated_stepping_batches
+        if self.lr_schedule == "cosine" and not math.isfinite(total):
+            raise ValueError(
+                "lr_schedule='cosine' needs a finite trainer.max_epochs or max_steps; "
+                "use lr_schedule=constant"
+            )
+        total = max(1, int(total)) if math.isfinite(total) else 1
+        warmup, cosine = self.warmup_steps, self.lr_schedule == "cosine"
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return opts, [torch.optim.lr_scheduler.LambdaLR(opt, lr_factor) for opt in opts]
+
+    def _schedulers(self) -> list:
+        scheds = self.lr_schedulers()
+        return [] if scheds is None else scheds if isinstance(scheds, list) else [scheds]
 
     def _gan_active(self) -> bool:
         return (
@@ -174,6 +210,9 @@ class Autoencoder(pl.LightningModule):
             logs.update(g_loss=g_loss, d_weight=d_weight)
         self._step(opt_ae, loss)
         self.untoggle_optimizer(opt_ae)
+        scheds = self._schedulers()  # [autoencoder, discriminator] when scheduled
+        if scheds:
+            scheds[0].step()
 
         if gan:
             self.toggle_optimizer(opt_disc)
@@ -182,6 +221,8 @@ class Autoencoder(pl.LightningModule):
             d_loss = hinge_d_loss(logits_real, logits_fake)
             self._step(opt_disc, d_loss)
             self.untoggle_optimizer(opt_disc)
+            if len(scheds) > 1:
+                scheds[1].step()  # counts discriminator steps, so it starts at disc_start
             logs.update(
                 d_loss=d_loss,
                 logits_real=logits_real.mean().detach(),

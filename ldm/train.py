@@ -54,8 +54,18 @@ def resolve_ckpt_path(cfg: DictConfig, stage: str) -> str | None:
     return str(ckpt_path)
 
 
-def fit_stage(stage: str, cfg: DictConfig, model: pl.LightningModule, datamodule: pl.LightningDataModule, group: str) -> dict[str, Any]:
-    """Train one stage with its own Trainer; returns its checkpoints and final metrics."""
+def fit_stage(
+    stage: str,
+    cfg: DictConfig,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    group: str,
+    manifest: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one stage with its own Trainer; returns its checkpoints and final metrics.
+
+    The loggers get the resolved config and the run manifest as the run's hyperparameters.
+    """
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_callbacks(cfg.callbacks.get("common"))
     callbacks += instantiate_callbacks(cfg.callbacks.get(stage))
@@ -66,7 +76,7 @@ def fit_stage(stage: str, cfg: DictConfig, model: pl.LightningModule, datamodule
     )
     trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
-        logger.log_hyperparams({"stage": stage, **resolved})
+        logger.log_hyperparams({**resolved, "trained_stage": stage, "manifest": manifest or {}})
 
     log.info("stage %s: fitting %s", stage, type(model).__name__)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg, stage))
@@ -141,8 +151,7 @@ def run(cfg: DictConfig) -> float | None:
     output_dir = check_writable(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
-    if rank_zero_only.rank == 0:
-        write_run_files(output_dir, cfg, datamodule.fingerprint())
+    manifest = write_run_files(output_dir, cfg, datamodule.fingerprint()) if rank_zero_only.rank == 0 else None
     group = f"{cfg.task_name}-{output_dir.parent.name if output_dir.name.isdigit() else output_dir.name}"
 
     results: dict[str, dict[str, Any]] = {}
@@ -151,7 +160,7 @@ def run(cfg: DictConfig) -> float | None:
         autoencoder_ckpt = cfg.get("autoencoder_ckpt")
         if cfg.stage in ("all", "autoencoder"):
             autoencoder = hydra.utils.instantiate(cfg.model.autoencoder)
-            results["autoencoder"] = fit_stage("autoencoder", cfg, autoencoder, datamodule, group)
+            results["autoencoder"] = fit_stage("autoencoder", cfg, autoencoder, datamodule, group, manifest)
             autoencoder_ckpt = results["autoencoder"]["best_checkpoint"]
         if cfg.stage in ("all", "diffusion"):
             autoencoder, ae_config = load_autoencoder(autoencoder_ckpt)
@@ -164,7 +173,7 @@ def run(cfg: DictConfig) -> float | None:
                 from ldm.data.latent_cache import latent_cache_datamodule
 
                 stage_data = latent_cache_datamodule(autoencoder, autoencoder_ckpt, datamodule, Path(cfg.paths.cache_dir) / "latents")
-            results["diffusion"] = fit_stage("diffusion", cfg, model, stage_data, group)
+            results["diffusion"] = fit_stage("diffusion", cfg, model, stage_data, group, manifest)
             grid = save_final_grid(model, datamodule, cfg)
         print_summary(results, grid)
         return metric_value(results, cfg.get("optimized_metric"))

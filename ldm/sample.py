@@ -341,7 +341,7 @@ def build_evaluator(ckpt: Mapping[str, Any], path: Path, metrics_cfg: DictConfig
                     device: torch.device) -> Evaluator:
     """Rebuild the checkpoint's data module from its stored config (allowlisted targets only), get
     the feature extractor (training the FID classifier once, cached) and the real-feature cache."""
-    from ldm.metrics.fid import build_extractor, fid_cache_dir
+    from ldm.metrics.fid import build_extractor, real_features_path
     from ldm.utils.instantiate import safe_instantiate
 
     data_cfg = ckpt["ldm"]["config"].get("data")
@@ -362,13 +362,12 @@ def build_evaluator(ckpt: Mapping[str, Any], path: Path, metrics_cfg: DictConfig
             raise
         raise UserError(f"fid: {str(err).splitlines()[0]}") from err
     extractor.to(device)
-    # Same file the training FID callback fills, so sampling reuses the training run's real features.
-    cache = fid_cache_dir(metrics_cfg.cache_dir, datamodule.fingerprint())
     return Evaluator(
         extractor=extractor,
         classifier=classifier,
         reals=datamodule.train_dataset,
-        real_cache=cache / f"real_train_{extractor.cache_key}.pt",
+        # the file the training FID callback fills: sampling reuses the training run's real features
+        real_cache=real_features_path(metrics_cfg.cache_dir, datamodule.fingerprint(), extractor),
         metrics_cfg=metrics_cfg,
         dataset=str(data_cfg.get("name", data_cfg.get("_target_"))),
     )

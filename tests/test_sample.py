@@ -11,27 +11,20 @@ from pathlib import Path
 
 import hydra
 import pytest
-import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 from PIL import Image
 
-from ldm.callbacks.checkpoint_config import StoreConfigInCheckpoint
 from ldm.models.loading import load_latent_diffusion
 from ldm.sample import resolve_labels, run
+from ldm.train import run as train_run
 from ldm.utils.checkpoint import file_sha256
 from ldm.utils.errors import UserError
 from ldm.utils.images import save_png
 from tests.conftest import ROOT, compose_config
 
-# sklearn digits at 16x16, f=4 KL autoencoder -> 4x4x4 latents, tiny UNet with 10 classes, T=100.
-TINY = [
-    "debug=fast",
-    "data=digits",
-    "data.image_size=16",
-    "model.autoencoder.encoder.ch=8",
-    "model.autoencoder.encoder.mid_attention=false",
-]
+# debug=fast (tiny autoencoder and UNet with 10 classes, T=100, EMA) on sklearn digits at 16x16.
+TINY = ["debug=fast", "data=digits", "data.image_size=16", "fid.every_n_epochs=0"]
 # Sampling settings of the tests: few steps, the stochastic DDPM sampler so that the sampler's own
 # noise (not only x_T) must come from the seeded generator for runs to repeat.
 FAST = ["device=cpu", "sampler=ddpm", "sampler.steps=4", "num_samples=5", "batch_size=3"]
@@ -39,38 +32,26 @@ FAST = ["device=cpu", "sampler=ddpm", "sampler.steps=4", "num_samples=5", "batch
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """A stage-2 checkpoint written by a Lightning Trainer with StoreConfigInCheckpoint (as ldm.train
-    writes them), and a stage-1 one."""
+    """Checkpoints of a `debug=fast` ldm.train.run (stage 1 and stage 2), and `conditioned`: that
+    stage-2 checkpoint with noise added to the UNet weights (raw and EMA). Three training batches
+    leave the zero-initialised output conv near zero, so labels and guidance would not change a
+    single pixel; the perturbed weights make their effect visible."""
     root = tmp_path_factory.mktemp("sample_ckpt")
     cfg = compose_config(TINY, root)
-    resolved = OmegaConf.to_container(cfg, resolve=False)
-    resolved.pop("hydra")
-    resolved = OmegaConf.to_container(OmegaConf.create(resolved), resolve=True)
-    # (resolving after dropping `hydra`: its sweep nodes hold values only a multirun sets)
-    torch.manual_seed(0)
-    autoencoder = hydra.utils.instantiate(cfg.model.autoencoder)
-    module_cfg = {k: v for k, v in resolved["model"]["diffusion"].items() if k != "latent_cache"}
-    model = hydra.utils.instantiate(module_cfg, autoencoder=autoencoder)
-    trainer = pl.Trainer(
-        max_steps=2, limit_val_batches=0, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-        callbacks=[StoreConfigInCheckpoint("diffusion", resolved)],
-    )
-    trainer.fit(model, datamodule=hydra.utils.instantiate(cfg.data))
-    # Two steps leave the zero-initialised output conv near zero, which would hide the labels'
-    # effect; perturbed weights make conditioning (and so guidance) visible in the images.
+    with open_dict(cfg):
+        del cfg["hydra"]  # train.run resolves the whole config; this node holds multirun-only keys
+    train_run(cfg)
+    stage1 = root / "run" / "checkpoints" / "autoencoder" / "last.ckpt"
+    stage2 = root / "run" / "checkpoints" / "diffusion" / "last.ckpt"
+    ckpt = torch.load(stage2, weights_only=True)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.unet.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    stage2 = root / "stage2.ckpt"
-    trainer.save_checkpoint(stage2)
-    stage1 = root / "stage1.ckpt"
-    torch.save(
-        {"state_dict": autoencoder.state_dict(), "ldm": {"stage": "autoencoder", "config": resolved}},
-        stage1,
-    )
-    return {"stage2": stage2, "stage1": stage1}
+    for weights in ("state_dict", "current_model_state"):  # EMA and raw weights
+        for name, tensor in ckpt[weights].items():
+            if name.startswith("unet.") and tensor.is_floating_point():
+                tensor.add_(torch.randn(tensor.shape, generator=g) * 0.1)
+    conditioned = root / "conditioned.ckpt"
+    torch.save(ckpt, conditioned)
+    return {"stage1": stage1, "stage2": stage2, "conditioned": conditioned}
 
 
 def sample_cfg(tmp_path: Path, ckpt: Path, *overrides: str, out: str = "out", fid: bool = False):
@@ -88,14 +69,15 @@ def png_bytes(out: Path) -> dict[str, bytes]:
 # ------------------------------------------------------------------------------ in-process runs
 @pytest.fixture(scope="module")
 def seeded_runs(checkpoints, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    """Three runs: seed 0 twice (the first also draws the trajectory), seed 1 once."""
+    """Seed 0 twice (the first also draws the trajectory), seed 1, seed 0 with the raw weights."""
     tmp = tmp_path_factory.mktemp("seeded")
-    ckpt = checkpoints["stage2"]
+    ckpt = checkpoints["conditioned"]
     runs = {}
     for name, extra in {
         "a": ["seed=0", "trajectory=true", "trajectory_samples=2", "trajectory_steps=3"],
         "b": ["seed=0"],
         "c": ["seed=1"],
+        "raw": ["seed=0", "use_ema=false"],
     }.items():
         record = run(sample_cfg(tmp, ckpt, *extra, out=name))
         runs[name] = (tmp / name, record)
@@ -110,6 +92,12 @@ def test_same_seed_same_png_bytes_other_seed_differs(seeded_runs):
     assert all(a[name] != c[name] for name in samples)
 
 
+def test_ema_and_raw_weights(seeded_runs):
+    (out_ema, ema), (out_raw, raw) = seeded_runs["a"], seeded_runs["raw"]
+    assert (ema["weights"], raw["weights"]) == ("ema", "raw")
+    assert png_bytes(out_ema)["00000.png"] != png_bytes(out_raw)["00000.png"]
+
+
 def test_files_and_samples_json(seeded_runs, checkpoints):
     out, record = seeded_runs["a"]
     names = sorted(p.name for p in out.iterdir())
@@ -121,13 +109,13 @@ def test_files_and_samples_json(seeded_runs, checkpoints):
     assert Image.open(out / "grid.png").size == (5 * 18 + 2, 18 + 2)
     saved = json.loads((out / "samples.json").read_text())
     assert saved == json.loads(json.dumps(record))
-    assert saved["checkpoint"]["sha256"] == file_sha256(checkpoints["stage2"])
+    assert saved["checkpoint"]["sha256"] == file_sha256(checkpoints["conditioned"])
     assert saved["checkpoint"]["stage"] == "diffusion"
     assert saved["N"] == 5 and saved["num_classes"] == 10
     assert saved["labels"] == [0, 1, 2, 3, 4]  # even spread over the classes
     assert saved["sampler"] == {**saved["sampler"], "name": "ddpm", "steps": 4, "nfe": 4}
     assert saved["config"]["seed"] == 0 and saved["config"]["sampler"]["steps"] == 4
-    assert saved["config"]["batch_size"] == 3 and saved["config"]["ckpt"] == str(checkpoints["stage2"])
+    assert saved["config"]["batch_size"] == 3 and saved["config"]["ckpt"] == str(checkpoints["conditioned"])
     timing = saved["timing"]
     assert timing["seconds"] > 0
     assert timing["images_per_second"] == pytest.approx(5 / timing["seconds"])
@@ -137,7 +125,7 @@ def test_files_and_samples_json(seeded_runs, checkpoints):
 
 
 def test_guidance_and_labels(checkpoints, tmp_path):
-    ckpt = checkpoints["stage2"]
+    ckpt = checkpoints["conditioned"]
     labels = ["class_label=[3,7]", "num_samples=4", "batch_size=4"]
     guided = run(sample_cfg(tmp_path, ckpt, *labels, "guidance_scale=3", out="g3"))
     plain = run(sample_cfg(tmp_path, ckpt, *labels, "guidance_scale=1", out="g1"))
@@ -269,7 +257,7 @@ def test_pickled_callable_is_refused_without_running(checkpoints, tmp_path):
 def test_fid_and_nfe_sweep(checkpoints, tmp_path, capsys):
     budget = ["metrics.classifier.epochs=1", "metrics.kid_subsets=3", "metrics.kid_subset_size=4",
               "metrics.batch_size=64"]
-    cfg = sample_cfg(tmp_path, checkpoints["stage2"], "num_samples=6", "nfe_sweep=[2,4]", *budget,
+    cfg = sample_cfg(tmp_path, checkpoints["conditioned"], "num_samples=6", "nfe_sweep=[2,4]", *budget,
                      fid=True)
     record = run(cfg)
     out = tmp_path / "out"

@@ -66,9 +66,13 @@ def test_pickled_payload_is_refused_and_never_runs(tmp_path):
     assert "holds pickled objects other than tensors and plain data (GLOBAL" in one_line(err)
     assert "nothing in it was run" in str(err.value)
     assert not marker.exists()
-    # resuming a run (Lightning reads through the CheckpointIO) is guarded the same way
+    # resuming a run (`ckpt_path=`: Lightning reads through the CheckpointIO) is guarded the same way
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path)
     with pytest.raises(UserError, match="holds pickled objects"):
-        AtomicCheckpointIO().load_checkpoint(tmp_path / "evil.ckpt")
+        trainer.fit(BoringModel(), ckpt_path=tmp_path / "evil.ckpt")
     assert not marker.exists()
     # control: the payload is real; an unsafe load runs it
     torch.load(tmp_path / "evil.ckpt", weights_only=False)
@@ -297,3 +301,19 @@ def test_safetensors_export_of_a_stage2_checkpoint(tmp_path):
     for key, value in from_ckpt.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert torch.equal(loaded.autoencoder.scale_factor, model.autoencoder.scale_factor)
+
+
+def test_resume_reads_lightning_checkpoints_weights_only(tmp_path):
+    """Every entry Lightning writes (loops, optimizer, callback states) loads with weights_only=True."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    def trainer(max_steps):
+        return pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path,
+                          callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)])
+
+    trainer(2).fit(BoringModel())
+    resumed = trainer(4)
+    resumed.fit(BoringModel(), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.global_step == 4 and read_torch_file(tmp_path / "last.ckpt")["global_step"] == 4

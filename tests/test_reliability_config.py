@@ -125,5 +125,6 @@ def test_autoencoder_ckpt_of_the_wrong_kind(tmp_path, stored_config):
         f"{str(stage2)!r} is a stage-2 (diffusion) checkpoint; an autoencoder checkpoint is needed"
     )
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
-    assert "is truncated or not a torch checkpoint" in refused(
-        ["stage=diffusion", f"autoencoder_ckpt={tmp_path / 'text.ckpt'}"], tmp_path)
+    assert refused(["stage=diffusion", f"autoencoder_ckpt={tmp_path / 'text.ckpt'}"], tmp_path) == (
+        f"checkpoint {str(tmp_path / 'text.ckpt')!r} is truncated or not a torch checkpoint (not a zip-format torch file)"
+    )

@@ -52,7 +52,9 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
         raise UserError(f"{what} {str(path)!r} is truncated or not a torch checkpoint (unknown format)") from err
     except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile, OSError) as err:
         # RuntimeError: a cut zip archive; EOFError: empty or cut legacy file; KeyError: foreign bytes.
-        if isinstance(err, RuntimeError | OSError):
+        if "mmap can only be used" in str(err):  # legacy (non-zip) or foreign bytes, read with mmap
+            detail = "not a zip-format torch file"
+        elif isinstance(err, RuntimeError | OSError):
             detail = str(err).splitlines()[0].split(". ")[0][:120] if str(err) else type(err).__name__
         else:
             detail = "file is empty" if path.stat().st_size == 0 else "unknown format"

@@ -2,6 +2,7 @@
 scale factor, validation logs, the shipped yaml configs."""
 
 import csv
+import functools
 import math
 from pathlib import Path
 
@@ -383,3 +384,39 @@ def test_yaml_configs_build_the_default_f4_models(name):
     assert z.shape == (2, 4, 8, 8)
     # hyperparameters are plain data, so checkpoints load with weights_only=True
     assert all(isinstance(v, (int, float, str, bool, type(None))) for v in model.hparams.values())
+
+
+class _SaveRankState(pl.Callback):
+    """Writes each rank's final state dict, to check that DDP ranks agree."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        path = Path(self.out_dir) / f"rank{trainer.global_rank}.pt"
+        torch.save(pl_module.state_dict(), path)
+
+
+@pytest.mark.slow
+def test_vq_under_two_process_ddp_keeps_ranks_identical(mnist, tmp_path):
+    """k-means init, dead-code resets, the scale factor and the image grid under gloo DDP."""
+    pl.seed_everything(0)
+    enc, dec = _nets(double_z=False)
+    quantizer = VectorQuantizer(32, 4, kmeans_init_batches=2, kmeans_iters=2, dead_code_steps=2)
+    model = VQAutoencoder(enc, dec, quantizer, functools.partial(torch.optim.Adam, lr=2e-3), 4, 1)
+    trainer = _trainer(
+        tmp_path,
+        max_steps=-1,
+        max_epochs=2,
+        strategy="ddp_spawn",
+        devices=2,
+        limit_val_batches=2,
+        callbacks=[_SaveRankState(str(tmp_path))],
+    )
+    trainer.fit(model, _loader(mnist[:128], batch_size=16), _loader(mnist[-64:], batch_size=16))
+    s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+    assert bool(s0["quantizer.initialized"]) and s0["scale_factor"].item() != 1.0
+    assert list((tmp_path / "images").glob("val_reconstructions_*.png"))

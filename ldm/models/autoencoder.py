@@ -239,33 +239,43 @@ class Autoencoder(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._latent_stats = torch.zeros(3, dtype=torch.float64, device=self.device)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def _evaluate(
+        self, batch: dict, prefix: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruct without sampling or state updates; log `<prefix>/rec_loss`, `loss`,
+        `psnr`, `ssim` (mean over images, on [0, 1] images). Returns inputs and
+        reconstructions in [0, 1] and the latents."""
         x = batch["image"]  # (B, C, H, W) in [-1, 1]
         b = x.shape[0]
         out = self.autoencode(x)
         rec_loss = self.rec_loss_fn(out.x_rec, x)
-        self._accumulate_latent_stats(out.z)
-
-        x01, rec01 = to_display_range(x), to_display_range(out.x_rec)  # metrics on [0, 1] images
+        x01, rec01 = to_display_range(x), to_display_range(out.x_rec)
         psnr = peak_signal_noise_ratio(rec01, x01, data_range=1.0, reduction="none", dim=(1, 2, 3))
         ssim = structural_similarity_index_measure(
             rec01, x01, data_range=1.0, reduction="none", kernel_size=_ssim_kernel(x)
         )
-        self.log("val/rec_loss", rec_loss, prog_bar=True, sync_dist=True, batch_size=b)
-        self.log("val/loss", rec_loss + out.reg_loss, sync_dist=True, batch_size=b)
-        self.log("val/psnr", psnr.mean(), prog_bar=True, sync_dist=True, batch_size=b)
-        self.log("val/ssim", ssim.mean(), sync_dist=True, batch_size=b)
+        self.log(f"{prefix}/rec_loss", rec_loss, prog_bar=True, sync_dist=True, batch_size=b)
+        self.log(f"{prefix}/loss", rec_loss + out.reg_loss, sync_dist=True, batch_size=b)
+        self.log(f"{prefix}/psnr", psnr.mean(), prog_bar=True, sync_dist=True, batch_size=b)
+        self.log(f"{prefix}/ssim", ssim.mean(), sync_dist=True, batch_size=b)
         for k, v in out.logs.items():
             if k.startswith("codebook_"):
                 continue  # per-batch usage is noisy; VQ logs it over the whole epoch
-            self.log(f"val/{k}", v, sync_dist=True, batch_size=b)
+            self.log(f"{prefix}/{k}", v, sync_dist=True, batch_size=b)
+        return x01, rec01, out.z
 
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x01, rec01, z = self._evaluate(batch, "val")
+        self._accumulate_latent_stats(z)
         if batch_idx == 0 and not self.trainer.sanity_checking and self.num_log_images > 0:
-            n = min(self.num_log_images, b)
+            n = min(self.num_log_images, x01.shape[0])
             grid = torchvision.utils.make_grid(
                 torch.cat([x01[:n], rec01[:n]]), nrow=n, padding=1, pad_value=1.0
-            )  # (C, 2 rows) inputs above, reconstructions below
+            )  # (C, H', W'): inputs in the top row, reconstructions below
             log_image_grid(self.trainer, "val/reconstructions", grid, self.global_step)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

@@ -270,10 +270,12 @@ class VectorQuantizer(nn.Module):
         if self.training and not bool(self.initialized):
             self._init_samples.append(z_flat.float())
             if len(self._init_samples) < self.kmeans_init_batches:
-                # Warm-up as a plain autoencoder until enough outputs are gathered.
+                # Warm-up as a plain autoencoder until enough outputs are gathered. The zero
+                # loss still touches the codebook so DDP sees a gradient for every parameter.
                 indices, _ = nearest_code(z_flat, self.embedding)
                 counts = _all_reduce_sum(torch.bincount(indices, minlength=self.num_codes).float())
-                return QuantizerOutput(z, z.new_zeros(()), indices.reshape(b, h, w), counts)
+                loss = 0.0 * self.embedding.sum() if not self.use_ema else z.new_zeros(())
+                return QuantizerOutput(z, loss, indices.reshape(b, h, w), counts)
             self._kmeans_init(torch.cat(self._init_samples))
             self._init_samples = []
 

@@ -186,6 +186,25 @@ def test_autoencoder_stays_frozen(trained):
     assert not any(m.training for m in model.autoencoder.modules())
 
 
+def test_loss_is_min_snr_weighted_v_regression(tmp_path):
+    """v-prediction with min-SNR-5 weights, written out by hand (Salimans & Ho 2022; Hang et al. 2023)."""
+    cfg = tiny_cfg(tmp_path, "schedule.prediction_type=v", "model.diffusion.loss_weighting=min_snr")
+    model = make_model(cfg, make_autoencoder(cfg), randomize=True)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 4, 4, 4, generator=g), torch.randn(6, 4, 4, 4, generator=g)
+    t, labels = torch.tensor([0, 5, 20, 50, 80, 99]), torch.tensor([0, 1, 2, 3, 4, 10])
+    abar = model.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    v = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    snr = abar.flatten() / (1 - abar.flatten())
+    weight = snr.clamp(max=5.0) / (snr + 1)
+    with torch.no_grad():
+        mse = (model.unet(x_t, t, labels) - v).pow(2).mean(dim=(1, 2, 3))
+        loss = model.diffusion_loss(x0, t, noise, labels)
+    assert torch.allclose(loss, (weight * mse).mean(), rtol=1e-5)
+    assert not torch.allclose(loss, mse.mean(), rtol=1e-2)
+
+
 @pytest.mark.filterwarnings("ignore:.*self.log.*")
 def test_cond_drop_prob_one_ignores_the_label(tmp_path):
     cfg = tiny_cfg(tmp_path)

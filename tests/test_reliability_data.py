@@ -67,9 +67,12 @@ def test_broken_file_error_names_the_file(tmp_path, name):
 
 def test_broken_file_named_through_a_dataloader_worker(tmp_path):
     write_folder(tmp_path, good=0, bad={"truncated.png": broken_files()["truncated.png"]})
-    loader = DataLoader(ImageFolder(str(tmp_path), image_size=16).build(), batch_size=1, num_workers=1)
-    with pytest.raises(UserError, match=r"unreadable image file '.*truncated\.png': image file is truncated"):
-        next(iter(loader))
+    batches = iter(DataLoader(ImageFolder(str(tmp_path), image_size=16).build(), batch_size=1, num_workers=1))
+    try:
+        with pytest.raises(UserError, match=r"unreadable image file '.*truncated\.png': image file is truncated"):
+            next(batches)
+    finally:
+        batches._shutdown_workers()  # now, not at a later garbage collection (which waits for the worker)
 
 
 def test_skip_corrupt_skips_counts_and_logs(tmp_path, caplog):

@@ -55,7 +55,8 @@ def build_latent_cache(
     autoencoder.eval()
     latents, labels = [], []
     try:
-        for batch in tqdm(dataloader, desc=f"encoding latent cache {key[:24]}", leave=False):
+        # disable=None: a bar on terminals, silent in log files
+        for batch in tqdm(dataloader, desc=f"encoding latent cache {key[:24]}", leave=False, disable=None):
             z = encode_latents(autoencoder, batch["image"].to(device))  # (B, c, h, w)
             latents.append(z.float().cpu())
             if "label" in batch:

@@ -47,13 +47,14 @@ class ImageDataModule(pl.LightningDataModule):
         drop_last: bool = True,
         root: str | None = None,
         download: bool = False,
+        skip_corrupt: bool = False,
         image_datamodule: ImageDataModule | None = None,
     ):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"data.batch_size={batch_size} must be positive")
         self.source, self.name = source, name
-        self.root, self.download = root, download
+        self.root, self.download, self.skip_corrupt = root, download, skip_corrupt
         self.image_datamodule = image_datamodule
         self.image_size, self.num_channels, self.num_classes = image_size, num_channels, num_classes
         self.batch_size, self.val_fraction, self.split_seed = batch_size, val_fraction, split_seed
@@ -86,6 +87,11 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"data.num_classes={self.num_classes} but the source {'has' if has_labels else 'has no'} labels"
             )
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable files the source dropped (image_folder with data.skip_corrupt=true), else 0."""
+        return getattr(self.source, "num_skipped", 0)
 
     def fingerprint(self) -> str:
         """Identifies the exact data and split (used to key caches: FID statistics, latents)."""

@@ -7,13 +7,16 @@ from typing import Any
 
 import torch
 
-from ldm.utils.checkpoint import load_checkpoint
+from ldm.utils.checkpoint import load_checkpoint, state_dict_mismatch
 from ldm.utils.errors import UserError
 from ldm.utils.instantiate import safe_instantiate
 
 
 def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
     """`load_state_dict(strict=True)` with a one-line error naming the checkpoint on a mismatch."""
+    mismatch = state_dict_mismatch(module.state_dict(), state_dict)
+    if mismatch:
+        raise UserError(f"checkpoint {str(path)!r} does not fit the model its config describes: {mismatch}")
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:

@@ -40,5 +40,7 @@ def check_group_overrides(argv: list[str], conf_dir: Path) -> None:
 
 def exit_on_user_error(err: UserError) -> None:
     """Print the one-line error and exit with status 2."""
-    print(f"error: {err}", file=sys.stderr)
+    # An error re-raised from a DataLoader worker carries the worker's traceback; its last line is ours.
+    message = str(err).strip().splitlines()[-1].removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")
+    print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)

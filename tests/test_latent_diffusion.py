@@ -240,7 +240,7 @@ def test_validation_logs_loss_and_grid_and_is_repeatable(tmp_path):
     cfg = tiny_cfg(tmp_path)
     model = make_model(cfg, make_autoencoder(cfg), randomize=True)
     dm = hydra.utils.instantiate(cfg.data)
-    t = trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=2)
+    t = trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=2, limit_test_batches=2)
     t.fit(model, datamodule=dm)
     assert "train/loss" in t.callback_metrics and "val/loss" in t.callback_metrics
     grids = sorted((tmp_path / "images").glob("val_samples_*.png"))
@@ -248,6 +248,7 @@ def test_validation_logs_loss_and_grid_and_is_repeatable(tmp_path):
     first = t.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
     second = t.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
     assert first == second
+    assert t.test(model, datamodule=dm, verbose=False)[0]["test/loss"] == first  # test = val split
 
 
 # ------------------------------------------------------------------------------ latent cache

@@ -205,17 +205,25 @@ class LatentDiffusion(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Loss at t spread evenly over [0, T-1] with noise seeded by val_seed + batch_idx, drawn on
-        the CPU so the number is comparable across runs and devices."""
+    def fixed_noise_loss(self, batch: dict[str, torch.Tensor], batch_idx: int) -> tuple[torch.Tensor, int]:
+        """(loss, batch size) at t spread evenly over [0, T-1] with noise seeded by
+        val_seed + batch_idx, drawn on the CPU so the number is comparable across runs and devices."""
         x0 = self.batch_latents(batch)  # (B, c, h, w)
         labels = self.batch_labels(batch)
         b = x0.shape[0]
         g = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
         noise = torch.randn(x0.shape, generator=g).to(device=self.device, dtype=x0.dtype)
-        t = torch.linspace(0, self.schedule.num_timesteps - 1, b).round().long().to(self.device)
-        loss = self.diffusion_loss(x0, t, noise, labels)
+        t = torch.linspace(0, self.schedule.num_timesteps - 1, b).round().long().to(self.device)  # (B,)
+        return self.diffusion_loss(x0, t, noise, labels), b
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, b = self.fixed_noise_loss(batch, batch_idx)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=b)
+        return loss
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, b = self.fixed_noise_loss(batch, batch_idx)
+        self.log("test/loss", loss, sync_dist=True, batch_size=b)
         return loss
 
     def on_validation_epoch_start(self) -> None:

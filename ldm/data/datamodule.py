@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ldm.data.resumable import ResumableDataLoader, ResumableSampler
 from ldm.data.sources import Source
 
 
@@ -110,7 +111,19 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.train_dataset, shuffle=True, drop_last=self.drop_last)
+        """Shuffled in an order fixed by (seed, epoch), sharded across DDP ranks, and resumable
+        mid-epoch (ldm.data.resumable). The seed is the run's: `seed_everything(seed)` sets it."""
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = ResumableSampler(self.train_dataset, num_replicas=world, rank=rank, seed=torch.initial_seed())
+        return ResumableDataLoader(
+            self.train_dataset,
+            sampler=sampler,
+            batch_size=self.batch_size,
+            drop_last=self.drop_last and len(self.train_dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_dataset, shuffle=False)

@@ -13,6 +13,7 @@ Interface used by stage 2 (see the contract):
     ae.latent_channels, ae.downsample_factor, ae.image_channels
 """
 
+import abc
 import math
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
@@ -48,7 +49,7 @@ class AutoencodeOutput(NamedTuple):
     logs: dict[str, torch.Tensor]  # extra scalars to log, without the "train/"/"val/" prefix
 
 
-class Autoencoder(pl.LightningModule):
+class Autoencoder(pl.LightningModule, abc.ABC):
     """Common base: reconstruction + regulariser + optional PatchGAN under manual optimization.
 
     Args:
@@ -131,15 +132,17 @@ class Autoencoder(pl.LightningModule):
         self._latent_stats = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count
 
     # -- interface -------------------------------------------------------------------------
+    @abc.abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Images (B, C, H, W) in [-1, 1] -> unscaled latents (B, c, H/f, W/f)."""
 
+    @abc.abstractmethod
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Unscaled latents (B, c, h, w) -> images (B, C, h*f, w*f) in about [-1, 1]."""
 
+    @abc.abstractmethod
     def autoencode(self, x: torch.Tensor) -> AutoencodeOutput:
         """Full pass with losses; in training mode it may sample/update regulariser state."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

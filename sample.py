@@ -30,18 +30,6 @@ def split_fid_flag(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, values
 
 
-def check_overrides(argv: list[str]) -> None:
-    """Pre-flight check of group choices; `fid@metrics=x` is checked as an option of the group `fid`."""
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        group = key.split("@", 1)[0]
-        try:
-            check_group_overrides([f"{group}{sep}{value}"], CONF_DIR)
-        except UserError as err:
-            # name the override as typed (fid@metrics=...), not the group it was checked against
-            raise UserError(str(err).replace(f"{group}=", f"{key}=", 1)) from err
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -61,7 +49,7 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     sys.argv[1:], FID_FLAG[:] = split_fid_flag(sys.argv[1:])
     try:
-        check_overrides(sys.argv[1:])
+        check_group_overrides(sys.argv[1:], CONF_DIR)
     except UserError as err:
         exit_on_user_error(err)
     main()

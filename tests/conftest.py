@@ -25,6 +25,8 @@ def compose_config(overrides: list[str], tmp_path: Path, config_name: str = "tra
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
+        # As in a real run: the task sees `hydra` only through HydraConfig (`${hydra:...}`).
+        del cfg["hydra"]
         cfg.paths.root_dir = str(ROOT)
         cfg.paths.output_dir = str(tmp_path / "run")
         cfg.paths.log_dir = str(tmp_path / "logs")

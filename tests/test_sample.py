@@ -38,8 +38,6 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     single pixel; the perturbed weights make their effect visible."""
     root = tmp_path_factory.mktemp("sample_ckpt")
     cfg = compose_config(TINY, root)
-    with open_dict(cfg):
-        del cfg["hydra"]  # train.run resolves the whole config; this node holds multirun-only keys
     train_run(cfg)
     stage1 = root / "run" / "checkpoints" / "autoencoder" / "last.ckpt"
     stage2 = root / "run" / "checkpoints" / "diffusion" / "last.ckpt"

@@ -19,23 +19,24 @@ def group_options(conf_dir: Path, group: str) -> list[str]:
 def check_group_overrides(argv: list[str], conf_dir: Path) -> None:
     """Raise UserError for `group=option` overrides whose option file does not exist.
 
-    Handles `+group=`, `++group=`, sweeps (`group=a,b`) and `group=null`; ignores `key.sub=value`
-    and Hydra's own `hydra/...` groups.
+    Handles `+group=`, `++group=`, `group@package=` (named as typed), sweeps (`group=a,b`) and
+    `group=null`; ignores `key.sub=value` and Hydra's own `hydra/...` groups.
     """
     for arg in argv:
         if "=" not in arg or arg.startswith(("-", "~", "hydra")):
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+")
-        if "." in key or not (conf_dir / key).is_dir():
+        group = key.split("@", 1)[0]
+        if "." in group or not (conf_dir / group).is_dir():
             continue
-        options = group_options(conf_dir, key)
+        options = group_options(conf_dir, group)
         for option in value.split(","):
             option = option.strip()
             if option in ("null", "") or option.startswith(("choice(", "range(", "interval(", "glob(")):
                 continue
             if option not in options:
-                raise UserError(f"{key}={option!r} is not an option of '{key}'; choose one of: {', '.join(options)}")
+                raise UserError(f"{key}={option!r} is not an option of '{group}'; choose one of: {', '.join(options)}")
 
 
 def exit_on_user_error(err: UserError) -> None:

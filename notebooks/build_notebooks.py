@@ -49,7 +49,7 @@ TOUR = [
           1,000 samples at NFE 10/20/50/100. Or train once with `make train` and set
           `CKPT = "logs/train/runs/<date>/checkpoints/diffusion/last.ckpt"`: the notebook then loads
           that self-contained stage-2 checkpoint (autoencoder included) instead of training.
-        - With papermill (the next cell is tagged `parameters`):
+        - With papermill (not a project dependency; the next cell is tagged `parameters`):
           `papermill notebooks/01_tour.ipynb tour.ipynb -p QUICK False -p CKPT PATH`.
         """
     ),
@@ -545,7 +545,7 @@ INSPECT = [
         and plots the loss and FID curves and the sample grids saved during training.
 
         **How to run.** Set `RUN_DIR` in the parameters cell to your run's directory and run top to
-        bottom (papermill: `papermill notebooks/02_inspect_run.ipynb out.ipynb -p RUN_DIR logs/train/runs/<date>`).
+        bottom (or, with papermill installed: `papermill notebooks/02_inspect_run.ipynb out.ipynb -p RUN_DIR PATH`).
         Curves need a CSV or W&B logger (`logger=csv`, `logger=wandb` or `logger=[csv,wandb]`).
         With `RUN_DIR = None` (the default, what CI runs) the notebook first makes a seconds-long run of
         both stages (`debug=fast`, CSV and offline W&B loggers, FID every epoch) in a temporary

@@ -1,10 +1,10 @@
-"""Exact resume: RNG states in checkpoints, and a resumable checkpoint on SIGTERM/SIGUSR1/SIGUSR2.
+"""Exact resume: RNG states and data position in checkpoints; a checkpoint on SIGTERM/SIGUSR1/SIGUSR2.
 
 Lightning restores the model, optimizers, LR schedulers, loop counters and callback states (EMA
-included); the training data order is restored by `ldm.data.resumable`. What it leaves out are
-the global random number generators, which stage 1's posterior sampling and dropout draw from:
-`RNGStateCheckpoint` stores them per rank. `PreemptionCheckpoint` turns the signals that clusters
-send before they stop a job into a `last.ckpt` written at the next batch end, then a clean exit.
+included). `ExactResume` adds the global random number generators (stage 1's posterior sampling
+and dropout draw from them) and makes sure the training loader (`ldm.data.resumable`) continues
+from its saved position. `PreemptionCheckpoint` turns the signals that clusters send before they
+stop a job into a `last.ckpt` written at the next batch end, then a clean exit.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from ldm.data.resumable import ResumableDataLoader
 
 log = logging.getLogger(__name__)
 
@@ -62,37 +65,58 @@ def set_rng_states(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-class RNGStateCheckpoint(pl.Callback):
-    """Saves every rank's global RNG states (torch CPU/CUDA, numpy, python) in each checkpoint and
-    puts them back just before the first training batch after a resume.
+class ExactResume(pl.Callback):
+    """Saves what Lightning leaves out of a checkpoint and puts it back when a run resumes:
 
-    Restoring at that point, not when the checkpoint is read, keeps anything that draws random
-    numbers while a run starts up (it does so in both runs alike) from shifting the streams.
+    - every rank's global RNG states (torch CPU/CUDA, numpy, python), restored just before the
+      first training batch after the resume, so that whatever draws random numbers while a run
+      starts up (it does so alike in both runs) cannot shift the streams;
+    - the position of a `ResumableDataLoader` in its epoch. Lightning saves it too (the loader is
+      stateful) but loads it only if the training data was not requested earlier, and a model whose
+      `configure_optimizers` reads `trainer.estimated_stepping_batches` requests it before the
+      checkpoint's loop state is restored; so it is loaded again at `on_train_start`, before the
+      first batch is drawn (loading it twice is harmless).
     """
 
     def __init__(self) -> None:
         self.rank, self.world_size = 0, 1
-        self._to_restore: list[dict[str, Any]] | None = None
+        self._rng_to_restore: list[dict[str, Any]] | None = None
+        self._loader_to_restore: dict[str, int] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.rank, self.world_size = trainer.global_rank, trainer.world_size
+        self._trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
         # Called on every rank while a checkpoint is assembled; rank zero's copy is written.
-        state = collect_rng_states()
+        rng = collect_rng_states()
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
-            gathered: list[Any] = [None] * self.world_size
-            dist.all_gather_object(gathered, state)
-            return {"ranks": gathered}
-        return {"ranks": [state]}
+            ranks: list[Any] = [None] * self.world_size
+            dist.all_gather_object(ranks, rng)
+        else:
+            ranks = [rng]
+        loader = self._train_loader()
+        return {"rng": ranks, "train_dataloader": loader.state_dict() if loader is not None else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._to_restore = state_dict["ranks"]
+        self._rng_to_restore = state_dict["rng"]
+        self._loader_to_restore = state_dict["train_dataloader"]
+
+    def _train_loader(self) -> ResumableDataLoader | None:
+        trainer = getattr(self, "_trainer", None)
+        loader = trainer.train_dataloader if trainer is not None else None
+        return loader if isinstance(loader, ResumableDataLoader) else None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state, self._loader_to_restore = self._loader_to_restore, None
+        loader = self._train_loader()
+        if state is not None and loader is not None:
+            loader.load_state_dict(state)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._to_restore is None:
+        if self._rng_to_restore is None:
             return
-        states, self._to_restore = self._to_restore, None
+        states, self._rng_to_restore = self._rng_to_restore, None
         if len(states) != self.world_size:
             log.warning(
                 "checkpoint holds RNG states of %d ranks, this run has %d; rank %d takes those of rank %d",
@@ -185,14 +209,27 @@ class PreemptionCheckpoint(pl.Callback):
             self._save_and_exit(trainer, signum)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A signal that arrived during the last validation: the run still stops here, not later.
-        signum = self._agreed_signal(trainer)
-        if signum:
-            self._save_and_exit(trainer, signum)
+        # A signal after the last training batch (during the final validation): the stage ends
+        # normally and writes its own checkpoints; `exit_if_signalled` then stops the run.
+        self.received = self._agreed_signal(trainer)
+
+    def exit_if_signalled(self) -> None:
+        """Call after `trainer.fit`: exit as `_save_and_exit` does if a signal came too late for it."""
+        if self.received:
+            name = signal.Signals(self.received).name
+            log.warning("%s after the last training batch: the stage finished; exiting", name)
+            raise SIGTERMException(128 + self.received)
 
     def _save_and_exit(self, trainer: pl.Trainer, signum: int) -> None:
         name = signal.Signals(signum).name
-        trainer.save_checkpoint(self.path)
+        for callback in trainer.checkpoint_callbacks:
+            # When this file is a ModelCheckpoint's `last.ckpt`, tell it so: the resumed run then
+            # overwrites it instead of writing `last-v1.ckpt` beside it.
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+                last_name = f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+                if Path(callback.dirpath) / last_name == self.path:
+                    callback.last_model_path = str(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         if trainer.is_global_zero:
             log.warning(
                 "%s at epoch %d, step %d: saved %s; resume with hydra.run.dir=<this run dir> ckpt_path=last",

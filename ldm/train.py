@@ -2,26 +2,37 @@
 
 Each stage gets its own Trainer and W&B run (one shared group). A stage-2 run starts from a stage-1
 checkpoint: the best one of stage 1 under `stage=all`, or `autoencoder_ckpt=PATH`.
+
+Resume (`ckpt_path`, see `resume_checkpoints`) continues a stopped stage exactly: Lightning restores
+the weights, EMA, optimizers, LR schedulers and loop counters; `ExactResume` the global RNGs and
+the position of the training data module's resumable loader (ldm.data.resumable). `PreemptionCheckpoint` saves
+`checkpoints/<stage>/last.ckpt` and exits on SIGTERM, SIGUSR1 or SIGUSR2.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from ldm.callbacks.checkpoint_config import StoreConfigInCheckpoint
-from ldm.models.loading import load_autoencoder
+from ldm.callbacks.resume import ExactResume, PreemptionCheckpoint
+from ldm.models.loading import autoencoder_from_checkpoint, load_autoencoder
+from ldm.utils.checkpoint import load_checkpoint
 from ldm.utils.errors import UserError
 from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from ldm.utils.launch import external_launcher
 from ldm.utils.manifest import write_run_files
 from ldm.utils.validation import check_writable, validate_config
 
@@ -41,17 +52,71 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
-def resolve_ckpt_path(cfg: DictConfig, stage: str) -> str | None:
-    """`ckpt_path=last` means this run's `checkpoints/<stage>/last.ckpt` (None if absent)."""
+def stage_checkpoint_dir(cfg: DictConfig, stage: str) -> Path:
+    return Path(cfg.paths.output_dir) / "checkpoints" / stage
+
+
+def resume_checkpoints(cfg: DictConfig) -> dict[str, str]:
+    """Which stage resumes from which checkpoint: `{stage: path}` (empty: nothing resumes).
+
+    - `ckpt_path=last`: the newest stage this run trains that has `checkpoints/<stage>/last.ckpt`
+      in this run's dir (`hydra.run.dir=RUN`): diffusion before autoencoder. None found: the run
+      starts from scratch, so a job that is requeued can always pass `ckpt_path=last`.
+    - `ckpt_path=PATH`: the stage stored in the checkpoint resumes from it. Under `stage=all`, a
+      stage-2 checkpoint skips stage 1 (the autoencoder comes from the checkpoint itself).
+    """
     ckpt_path = cfg.get("ckpt_path")
+    stages = ("autoencoder", "diffusion") if cfg.stage == "all" else (cfg.stage,)
     if ckpt_path is None:
-        return None
+        return {}
     if ckpt_path == "last":
-        last = Path(cfg.paths.output_dir) / "checkpoints" / stage / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(ckpt_path).is_file():
-        raise UserError(f"ckpt_path={ckpt_path!r} does not exist")
-    return str(ckpt_path)
+        for stage in reversed(stages):
+            last = stage_checkpoint_dir(cfg, stage) / "last.ckpt"
+            if last.is_file():
+                log.info("ckpt_path=last: resuming stage %s from %s", stage, last)
+                return {stage: str(last)}
+        log.info("ckpt_path=last: no last.ckpt under %s; starting from scratch", Path(cfg.paths.output_dir) / "checkpoints")
+        return {}
+    stage = load_checkpoint(ckpt_path, mmap=True)["ldm"]["stage"]
+    if stage not in stages:
+        raise UserError(
+            f"ckpt_path={ckpt_path!r} is a {stage} checkpoint but stage={cfg.stage} trains {' and '.join(stages)}"
+            + ("; to train stage 2 on this autoencoder use autoencoder_ckpt=PATH" if stage == "autoencoder" else "")
+        )
+    return {stage: str(ckpt_path)}
+
+
+def autoencoder_from_diffusion_checkpoint(path: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(frozen autoencoder, its config) from the stage-1 weights a stage-2 checkpoint carries."""
+    ckpt = load_checkpoint(path, expected_stage="diffusion")
+    prefix = "autoencoder."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    autoencoder = autoencoder_from_checkpoint({"ldm": ckpt["ldm"], "state_dict": state}, path)
+    return autoencoder, ckpt["ldm"]["config"]["model"]["autoencoder"]
+
+
+def sweep_dir() -> Path | None:
+    """The sweep dir when this process runs a job of a Hydra multirun, else None."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def check_multirun_launch(cfg: DictConfig) -> None:
+    """Lightning's DDP launcher starts the other ranks by re-running the command line; in a local
+    multirun each of them would run the whole sweep. Ranks must come from srun (SLURM launcher)."""
+    if sweep_dir() is None or external_launcher(os.environ):
+        return
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    processes = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else 1
+    if processes > 1 and not strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
+        raise UserError(
+            f"trainer.devices={devices} x trainer.num_nodes={nodes} processes in a local multirun: Lightning would "
+            "re-run the whole sweep in every rank; sweep with hydra/launcher=slurm (ranks from srun) or run "
+            "each job alone (trainer=ddp_cpu, torchrun)"
+        )
 
 
 def fit_stage(
@@ -61,25 +126,35 @@ def fit_stage(
     datamodule: pl.LightningDataModule,
     group: str,
     manifest: dict[str, Any] | None = None,
+    ckpt_path: str | None = None,
 ) -> dict[str, Any]:
-    """Train one stage with its own Trainer; returns its checkpoints and final metrics.
+    """Train one stage with its own Trainer (resuming from `ckpt_path` if given); returns its
+    checkpoints and final metrics.
 
     The loggers get the resolved config and the run manifest as the run's hyperparameters.
+    `trainer.auto_requeue` is not a Trainer argument: under SLURM it makes a SIGUSR1 requeue the job
+    after the preemption checkpoint is saved.
     """
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = instantiate_callbacks(cfg.callbacks.get("common"))
-    callbacks += instantiate_callbacks(cfg.callbacks.get(stage))
-    callbacks.append(StoreConfigInCheckpoint(stage, resolved))
-    loggers = instantiate_loggers(cfg.get("logger"), name=f"{group}-{stage}", group=group)
     trainer_cfg = OmegaConf.merge(
         OmegaConf.to_container(cfg.trainer, resolve=True), cfg.stage_trainer.get(stage) or {}
     )
+    auto_requeue = bool(trainer_cfg.pop("auto_requeue", False))
+    callbacks = instantiate_callbacks(cfg.callbacks.get("common"))
+    callbacks += instantiate_callbacks(cfg.callbacks.get(stage))
+    callbacks.append(StoreConfigInCheckpoint(stage, resolved))
+    callbacks.append(ExactResume())
+    preemption = PreemptionCheckpoint(stage_checkpoint_dir(cfg, stage), requeue=auto_requeue)
+    callbacks.append(preemption)
+    loggers = instantiate_loggers(cfg.get("logger"), name=f"{group}-{stage}", group=group)
     trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
-        logger.log_hyperparams({**resolved, "trained_stage": stage, "manifest": manifest or {}})
+        logger.log_hyperparams({**resolved, "trained_stage": stage, "manifest": manifest or {},
+                                "data/num_skipped": getattr(datamodule, "num_skipped", 0)})
 
     log.info("stage %s: fitting %s", stage, type(model).__name__)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg, stage))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    preemption.exit_if_signalled()
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule)
 
@@ -88,7 +163,7 @@ def fit_stage(
     last = ckpt_cb.last_model_path if ckpt_cb is not None else ""
     if not (best or last):
         # No checkpoint callback configured: keep the final weights so stage 2 can use them.
-        last = str(Path(cfg.paths.output_dir) / "checkpoints" / stage / "final.ckpt")
+        last = str(stage_checkpoint_dir(cfg, stage) / "final.ckpt")
         trainer.save_checkpoint(last)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     finish_wandb()
@@ -148,22 +223,31 @@ def metric_value(results: dict[str, dict[str, Any]], name: str | None) -> float 
 def run(cfg: DictConfig) -> float | None:
     """Train the stages `cfg.stage` names; returns `cfg.optimized_metric` (for sweeps)."""
     validate_config(cfg)
+    check_multirun_launch(cfg)
     output_dir = check_writable(cfg.paths.output_dir)
+    resume = resume_checkpoints(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     manifest = write_run_files(output_dir, cfg, datamodule.fingerprint()) if rank_zero_only.rank == 0 else None
-    group = f"{cfg.task_name}-{output_dir.parent.name if output_dir.name.isdigit() else output_dir.name}"
+    # One W&B group for both stages of a run and for all jobs of a sweep.
+    group = f"{cfg.task_name}-{(sweep_dir() or output_dir).name}"
 
     results: dict[str, dict[str, Any]] = {}
     grid = None
     try:
         autoencoder_ckpt = cfg.get("autoencoder_ckpt")
-        if cfg.stage in ("all", "autoencoder"):
+        if cfg.stage == "autoencoder" or (cfg.stage == "all" and "diffusion" not in resume):
             autoencoder = hydra.utils.instantiate(cfg.model.autoencoder)
-            results["autoencoder"] = fit_stage("autoencoder", cfg, autoencoder, datamodule, group, manifest)
+            results["autoencoder"] = fit_stage(
+                "autoencoder", cfg, autoencoder, datamodule, group, manifest, resume.get("autoencoder")
+            )
             autoencoder_ckpt = results["autoencoder"]["best_checkpoint"]
         if cfg.stage in ("all", "diffusion"):
-            autoencoder, ae_config = load_autoencoder(autoencoder_ckpt)
+            if autoencoder_ckpt:
+                autoencoder, ae_config = load_autoencoder(autoencoder_ckpt)
+            else:  # stage=all resuming stage 2: the stage-2 checkpoint carries the autoencoder
+                autoencoder_ckpt = resume["diffusion"]
+                autoencoder, ae_config = autoencoder_from_diffusion_checkpoint(autoencoder_ckpt)
             use_autoencoder_config(cfg, ae_config)
             diffusion_cfg = OmegaConf.to_container(cfg.model.diffusion, resolve=True)
             module_cfg = {k: v for k, v in diffusion_cfg.items() if k not in DIFFUSION_RUN_KEYS}
@@ -173,7 +257,9 @@ def run(cfg: DictConfig) -> float | None:
                 from ldm.data.latent_cache import latent_cache_datamodule
 
                 stage_data = latent_cache_datamodule(autoencoder, autoencoder_ckpt, datamodule, Path(cfg.paths.cache_dir) / "latents")
-            results["diffusion"] = fit_stage("diffusion", cfg, model, stage_data, group, manifest)
+            results["diffusion"] = fit_stage(
+                "diffusion", cfg, model, stage_data, group, manifest, resume.get("diffusion")
+            )
             grid = save_final_grid(model, datamodule, cfg)
         print_summary(results, grid)
         return metric_value(results, cfg.get("optimized_metric"))

@@ -88,13 +88,18 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        # The 1x1 convolutions are applied as matmuls over the (B, HW, C) tokens (same weights,
+        # same result up to float rounding): on CPU a 1x1 conv costs several times a matmul, and
+        # the token layout feeds SDPA's fused kernel instead of its unfused math fallback.
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
-        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w)  # (B, 3, nh, d, HW)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # 3 x (B, nh, HW, d)
+        nh = self.num_heads
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
+        q, k, v = qkv.view(b, h * w, 3, nh, c // nh).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, HW, d)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, HW, d)
-        out = out.transpose(-1, -2).reshape(b, c, h, w)  # (B, C, H, W)
-        return x + self.proj_out(out)
+        out = out.transpose(1, 2).reshape(b, h * w, c)  # (B, HW, C)
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, HW, C)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
 
 
 class Downsample(nn.Module):

@@ -220,6 +220,13 @@ def metric_value(results: dict[str, dict[str, Any]], name: str | None) -> float 
     return None
 
 
+def stage_datamodule(cfg: DictConfig, stage: str) -> pl.LightningDataModule:
+    """The data module of one stage: `data` with `stage_data.<stage>` merged over it, so each
+    stage can have its own batch size (stage 1 learns faster from more, smaller batches)."""
+    overrides = OmegaConf.select(cfg, f"stage_data.{stage}", default=None)
+    return hydra.utils.instantiate(cfg.data, **(OmegaConf.to_container(overrides, resolve=True) if overrides else {}))
+
+
 def run(cfg: DictConfig) -> float | None:
     """Train the stages `cfg.stage` names; returns `cfg.optimized_metric` (for sweeps)."""
     validate_config(cfg)
@@ -227,7 +234,7 @@ def run(cfg: DictConfig) -> float | None:
     output_dir = check_writable(cfg.paths.output_dir)
     resume = resume_checkpoints(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = stage_datamodule(cfg, "diffusion")
     manifest = write_run_files(output_dir, cfg, datamodule.fingerprint()) if rank_zero_only.rank == 0 else None
     # One W&B group for both stages of a run and for all jobs of a sweep.
     group = f"{cfg.task_name}-{(sweep_dir() or output_dir).name}"
@@ -239,7 +246,8 @@ def run(cfg: DictConfig) -> float | None:
         if cfg.stage == "autoencoder" or (cfg.stage == "all" and "diffusion" not in resume):
             autoencoder = hydra.utils.instantiate(cfg.model.autoencoder)
             results["autoencoder"] = fit_stage(
-                "autoencoder", cfg, autoencoder, datamodule, group, manifest, resume.get("autoencoder")
+                "autoencoder", cfg, autoencoder, stage_datamodule(cfg, "autoencoder"), group, manifest,
+                resume.get("autoencoder"),
             )
             autoencoder_ckpt = results["autoencoder"]["best_checkpoint"]
         if cfg.stage in ("all", "diffusion"):
@@ -256,7 +264,8 @@ def run(cfg: DictConfig) -> float | None:
             if cfg.model.diffusion.get("latent_cache"):
                 from ldm.data.latent_cache import latent_cache_datamodule
 
-                stage_data = latent_cache_datamodule(autoencoder, autoencoder_ckpt, datamodule, Path(cfg.paths.cache_dir) / "latents")
+                cache_dir = Path(cfg.paths.cache_dir) / "latents"
+                stage_data = latent_cache_datamodule(autoencoder, autoencoder_ckpt, datamodule, cache_dir)
             results["diffusion"] = fit_stage(
                 "diffusion", cfg, model, stage_data, group, manifest, resume.get("diffusion")
             )

@@ -299,6 +299,7 @@ def compose_project_config(overrides: Sequence[str], workdir: Path) -> Any:
         cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
+        del cfg["hydra"]  # as in a real run: the task sees `hydra` only through HydraConfig
         cfg.paths.root_dir = str(ROOT)
         cfg.paths.output_dir = str(workdir / "run")
         cfg.paths.log_dir = str(workdir / "logs")
@@ -383,11 +384,11 @@ class FIDScorer:
     classifier features (ldm.metrics.fid: build_extractor + compute_metrics; offline). The
     classifier and the real features are cached in the repository's .cache/ldm like training runs."""
 
-    def __init__(self, datamodule: Any, classifier_epochs: int | None = None):
+    def __init__(self, datamodule: Any, classifier_settings: dict[str, Any] | None = None):
         from ldm.metrics.fid import build_extractor, real_features_path
 
         datamodule.setup("fit")
-        settings = {} if classifier_epochs is None else {"epochs": classifier_epochs}
+        settings = dict(classifier_settings or {})  # conf/fid/classifier.yaml's `classifier` keys
         self.extractor, self.classifier = build_extractor("classifier", datamodule, CACHE_DIR, classifier=settings)
         self.reals = datamodule.train_dataset
         self.real_cache = real_features_path(CACHE_DIR, datamodule.fingerprint(), self.extractor)
@@ -395,16 +396,17 @@ class FIDScorer:
             "extractor": self.extractor.cache_key,
             "feature_dim": int(self.extractor.num_features),
             "reals": f"{datamodule.name} train split ({len(self.reals)} images)",
-            "classifier_epochs": classifier_epochs or "fid config default",
+            "classifier": settings or "ldm.metrics defaults",
         }
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
         from ldm.metrics.fid import compute_metrics
 
-        scores = compute_metrics(
-            images, self.reals, self.extractor, fake_labels=labels, classifier=self.classifier,
-            real_cache=self.real_cache, kid_subset_size=min(1000, len(images)),
-        )
+        bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+        if bad:  # NaN features crash LAPACK inside the FID's matrix square root
+            raise ValueError(f"{bad} of {len(images)} generated images hold NaN/inf; FID is undefined")
+        scores = compute_metrics(images, self.reals, self.extractor, fake_labels=labels,
+                                 classifier=self.classifier, real_cache=self.real_cache)
         return {k: scores[k] for k in ("fid", "kid", "cas", "num_samples") if k in scores}
 
 
@@ -414,19 +416,20 @@ def even_labels(n: int, num_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_latent_model(model: Any, sampler: Any, labels: torch.Tensor | None, batch_size: int,
-                        seed: int) -> tuple[torch.Tensor, float]:
-    """Images (N, C, H, W) in [-1, 1] from a LatentDiffusion with `sampler`, one seeded CPU generator
-    for all batches, and the seconds it took (decoding included)."""
+def sample_latent_model(model: Any, sampler: Any, labels: torch.Tensor, batch_size: int, seed: int,
+                        clock_name: str = "wall") -> tuple[torch.Tensor, float]:
+    """Images (N, C, H, W) in [-1, 1] from a LatentDiffusion with `sampler` for `labels` (N,), one
+    seeded CPU generator for all batches, and the seconds (on `clock_name`) it took, decoding included."""
     generator = torch.Generator().manual_seed(seed)
     n = len(labels)
     out = []
-    start = time.perf_counter()
+    now = clock(clock_name)
+    start = now()
     for i in range(0, n, batch_size):
         batch = labels[i : i + batch_size].to(model.device)
         out.append(model.sample(len(batch), class_labels=batch, generator=generator, sampler=sampler).cpu())
     synchronize(model.device)
-    return torch.cat(out), time.perf_counter() - start
+    return torch.cat(out), now() - start
 
 
 # ---------------------------------------------------------------------------- output

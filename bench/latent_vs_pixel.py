@@ -25,7 +25,7 @@ same class labels (every class equally often), no guidance, and scored with FID/
 project's classifier features against the MNIST-5k train split (N stated). No EMA for either.
 
     python bench/latent_vs_pixel.py --quick
-    python bench/latent_vs_pixel.py [--autoencoder-ckpt PATH] [--budget 240] [--num-samples 500]
+    python bench/latent_vs_pixel.py [--autoencoder-ckpt PATH] [--budget 180] [--num-samples 300]
 """
 
 from __future__ import annotations
@@ -265,11 +265,11 @@ def main() -> None:
     args = parser.parse_args()
     setup_run(args)
     q = args.quick
-    args.ae_epochs = args.ae_epochs or (1 if q else 3)
+    args.ae_epochs = args.ae_epochs or (1 if q else 2)
     args.batch_size = args.batch_size or (32 if q else 128)
-    args.rounds = args.rounds or (5 if q else 11)
-    args.budget = args.budget or (15.0 if q else 240.0)
-    args.num_samples = args.num_samples or (100 if q else 500)
+    args.rounds = args.rounds or (5 if q else 7)
+    args.budget = args.budget or (15.0 if q else 180.0)
+    args.num_samples = args.num_samples or (100 if q else 300)
     args.sample_steps = args.sample_steps or (10 if q else 25)
     args.save_ckpt = args.save_ckpt or CKPT_DIR / f"latent_vs_pixel{'_quick' if q else ''}.ckpt"
     machine = machine_info("cpu")

@@ -153,8 +153,12 @@ class PreemptionCheckpoint(pl.Callback):
     a SIGUSR1, the signal `sbatch --signal=USR1@120` sends before the time limit, requeues the SLURM
     job with `scontrol requeue`; then the process exits with status 128 + signal number.
 
-    Handlers are installed in `on_fit_start`, before Lightning installs its own: Lightning's
-    SIGTERM handler then calls this one too, and Lightning leaves SIGUSR1 to it under SLURM.
+    Handlers are installed in `on_fit_start`, before Lightning installs its own, so Lightning
+    leaves SIGUSR1 to this one under SLURM. For the training loop, SIGTERM is taken back from
+    Lightning in `on_train_start`: Lightning's handler runs a `broadcast` inside the signal handler,
+    once per signal received, and ranks that receive different numbers of SIGTERMs (a signal sent
+    to the whole process group reaches DDP ranks that Lightning started twice) then hang in
+    mismatched collectives. Here a handler only sets a flag.
     """
 
     def __init__(
@@ -189,6 +193,13 @@ class PreemptionCheckpoint(pl.Callback):
                 self._previous[signum] = signal.signal(signum, self._handler)
             except ValueError:  # not the main thread: signals cannot be handled here
                 log.debug("PreemptionCheckpoint: cannot install a %s handler outside the main thread", signum)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if signal.SIGTERM in self._previous and signal.getsignal(signal.SIGTERM) != self._handler:
+            try:
+                signal.signal(signal.SIGTERM, self._handler)  # Lightning restores its own at teardown
+            except ValueError:
+                pass
 
     def _restore_handlers(self) -> None:
         self.active = False

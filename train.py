@@ -26,7 +26,10 @@ def report_failed_job(err: Exception) -> None:
     (job_dir / "error.txt").write_text("".join(traceback.format_exception(err)))
     overrides = " ".join(hydra_cfg.overrides.task)
     message = str(err).splitlines()[0] if str(err) else ""
-    log.error(f"job {hydra_cfg.job.num} failed ({overrides}): {type(err).__name__}: {message} [{job_dir}/error.txt]")
+    log.error(
+        f"job {hydra_cfg.job.num} failed ({overrides}): {type(err).__name__}: {message} "
+        f"[{job_dir}/error.txt]"
+    )
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

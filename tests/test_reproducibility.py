@@ -8,7 +8,6 @@
   counters, RNG streams and data order. Plus the pieces: resumable loader, RNG states, stage choice.
 """
 
-
 from __future__ import annotations
 
 import io
@@ -56,7 +55,12 @@ RESUME = [
 def fault(stage: str, epoch: int, batch: int, name: str) -> list[str]:
     """Overrides that make the run send itself signal `name` after batch `batch` of `epoch`."""
     prefix = f"+callbacks.{stage}.fault"
-    return [f"{prefix}._target_=tests.train_cli.SignalAt", f"{prefix}.epoch={epoch}", f"{prefix}.batch={batch}", f"{prefix}.name={name}"]
+    return [
+        f"{prefix}._target_=tests.train_cli.SignalAt",
+        f"{prefix}.epoch={epoch}",
+        f"{prefix}.batch={batch}",
+        f"{prefix}.name={name}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,10 @@ def uninterrupted(tmp_path_factory) -> Path:
 def test_same_seed_same_weights_and_losses_other_seed_differs(tmp_path):
     runs = {}
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        cfg, _ = train_in_process(["stage=autoencoder", "stage_trainer.autoencoder.max_epochs=2", f"seed={seed}"], tmp_path / name)
+        cfg, _ = train_in_process(
+            ["stage=autoencoder", "stage_trainer.autoencoder.max_epochs=2", f"seed={seed}"],
+            tmp_path / name,
+        )
         runs[name] = Path(cfg.paths.output_dir)
     last = {name: run / "checkpoints" / "autoencoder" / "last.ckpt" for name, run in runs.items()}
     assert_same_training_state(last["a"], last["b"])
@@ -96,36 +103,57 @@ def test_rerun_from_the_run_dir_reproduces_its_final_weights(uninterrupted, tmp_
     resolved = yaml.safe_load((uninterrupted / "config_resolved.yaml").read_text())
     assert resolved["paths"]["output_dir"] == str(uninterrupted)
     saved = yaml.safe_load((uninterrupted / ".hydra" / "config.yaml").read_text())
-    assert saved["paths"]["output_dir"] == "${hydra:runtime.output_dir}"  # resolved afresh by a rerun
+    assert (
+        saved["paths"]["output_dir"] == "${hydra:runtime.output_dir}"
+    )  # resolved afresh by a rerun
 
-    rerun = train_cli("--config-dir", str(uninterrupted / ".hydra"), "--config-name", "config", cwd=tmp_path)
+    rerun = train_cli(
+        "--config-dir", str(uninterrupted / ".hydra"), "--config-name", "config", cwd=tmp_path
+    )
     assert rerun.returncode == 0, explain(rerun)
     # A fresh dir in the project's layout (logs/<task_name>/runs/<time>), not the original one.
     (rerun_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
-    assert (rerun_dir / "train.log").is_file() and "--config-dir" in (rerun_dir / "command.txt").read_text()
+    assert (rerun_dir / "train.log").is_file() and "--config-dir" in (
+        rerun_dir / "command.txt"
+    ).read_text()
     for stage in ("autoencoder", "diffusion"):
-        assert_same_training_state(uninterrupted / "checkpoints" / stage / "last.ckpt", rerun_dir / "checkpoints" / stage / "last.ckpt")
+        assert_same_training_state(
+            uninterrupted / "checkpoints" / stage / "last.ckpt",
+            rerun_dir / "checkpoints" / stage / "last.ckpt",
+        )
         assert logged(uninterrupted, stage) == logged(rerun_dir, stage)
 
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
     run_dir = tmp_path / "killed"
-    killed = train_cli(*RESUME, f"hydra.run.dir={run_dir}", *fault("diffusion", 1, 1, "SIGKILL"), cwd=tmp_path)
+    killed = train_cli(
+        *RESUME, f"hydra.run.dir={run_dir}", *fault("diffusion", 1, 1, "SIGKILL"), cwd=tmp_path
+    )
     assert killed.returncode == -signal.SIGKILL, explain(killed)
     stopped_at = load_ckpt(run_dir / "checkpoints" / "diffusion" / "last.ckpt")
-    # The newest checkpoint is mid-epoch: after batch 0 of epoch 1, one batch into the epoch's order.
+    # The newest checkpoint is mid-epoch: after batch 0 of epoch 1, one batch into its order.
     assert (stopped_at["epoch"], stopped_at["global_step"]) == (1, 4)
-    assert stopped_at["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    assert stopped_at["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "batches": 1}
+    ]
 
     resumed = train_cli(*RESUME, f"hydra.run.dir={run_dir}", "ckpt_path=last", cwd=tmp_path)
     assert resumed.returncode == 0, explain(resumed)
     log = (run_dir / "train.log").read_text()
-    assert f"ckpt_path=last: resuming stage diffusion from {run_dir}/checkpoints/diffusion/last.ckpt" in log
+    assert (
+        f"ckpt_path=last: resuming stage diffusion from {run_dir}/checkpoints/diffusion/last.ckpt"
+        in log
+    )
     # stage 1 is not trained again: the stage-2 checkpoint carries the autoencoder
-    assert log.count("stage autoencoder: fitting") == 1 and log.count("stage diffusion: fitting") == 2
+    assert (
+        log.count("stage autoencoder: fitting") == 1 and log.count("stage diffusion: fitting") == 2
+    )
     for stage in ("autoencoder", "diffusion"):
-        assert_same_training_state(uninterrupted / "checkpoints" / stage / "last.ckpt", run_dir / "checkpoints" / stage / "last.ckpt")
+        assert_same_training_state(
+            uninterrupted / "checkpoints" / stage / "last.ckpt",
+            run_dir / "checkpoints" / stage / "last.ckpt",
+        )
     reference = logged(uninterrupted, "diffusion")
     after_resume = logged(run_dir, "diffusion")
     assert len(reference) == 6 and {4, 5} <= after_resume.keys()
@@ -135,18 +163,25 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(uninterrupted, t
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(uninterrupted, tmp_path):
     run_dir = tmp_path / "stopped"
-    stopped = train_cli(*RESUME, f"hydra.run.dir={run_dir}", *fault("autoencoder", 0, 1, "SIGTERM"), cwd=tmp_path)
+    stopped = train_cli(
+        *RESUME, f"hydra.run.dir={run_dir}", *fault("autoencoder", 0, 1, "SIGTERM"), cwd=tmp_path
+    )
     assert stopped.returncode == 128 + signal.SIGTERM, explain(stopped)
     assert "Traceback" not in stopped.stderr, explain(stopped)
     last = run_dir / "checkpoints" / "autoencoder" / "last.ckpt"
     assert f"SIGTERM at epoch 0, step 2: saved {last}" in (run_dir / "train.log").read_text()
     assert load_ckpt(last)["global_step"] == 2  # two of the epoch's three batches
-    assert not (run_dir / "checkpoints" / "diffusion").exists()  # the run stopped; stage 2 never began
+    assert not (
+        run_dir / "checkpoints" / "diffusion"
+    ).exists()  # the run stopped; stage 2 never began
 
     resumed = train_cli(*RESUME, f"hydra.run.dir={run_dir}", "ckpt_path=last", cwd=tmp_path)
     assert resumed.returncode == 0, explain(resumed)
     for stage in ("autoencoder", "diffusion"):
-        assert_same_training_state(uninterrupted / "checkpoints" / stage / "last.ckpt", run_dir / "checkpoints" / stage / "last.ckpt")
+        assert_same_training_state(
+            uninterrupted / "checkpoints" / stage / "last.ckpt",
+            run_dir / "checkpoints" / stage / "last.ckpt",
+        )
         reference, this_run = logged(uninterrupted, stage), logged(run_dir, stage)
         assert {step: reference[step] for step in this_run} == this_run
     assert 2 in logged(run_dir, "autoencoder")  # the step after the resume was logged and matches
@@ -158,7 +193,9 @@ def test_loader_resumes_mid_epoch_and_starts_the_next_epoch_whole():
     data = list(range(20))
 
     def loader(rank: int = 0, world: int = 1) -> ResumableDataLoader:
-        return ResumableDataLoader(data, ResumableSampler(data, world, rank, seed=7), batch_size=3, drop_last=True)
+        return ResumableDataLoader(
+            data, ResumableSampler(data, world, rank, seed=7), batch_size=3, drop_last=True
+        )
 
     full = loader()
     full.sampler.set_epoch(2)
@@ -201,7 +238,11 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint():
     random.seed(0)
     set_rng_states(state)
     again = (torch.rand(4), random.random(), np.random.rand(2))  # noqa: NPY002
-    assert torch.equal(expected[0], again[0]) and expected[1] == again[1] and np.array_equal(expected[2], again[2])
+    assert (
+        torch.equal(expected[0], again[0])
+        and expected[1] == again[1]
+        and np.array_equal(expected[2], again[2])
+    )
 
 
 def fake_checkpoint(path: Path, stage: str) -> Path:
@@ -220,7 +261,9 @@ def test_ckpt_path_picks_the_stage_to_resume(tmp_path):
     assert resume_checkpoints(cfg) == {"diffusion": str(diffusion_last)}  # the later stage first
     with open_dict(cfg):
         cfg.stage, cfg.ckpt_path = "autoencoder", str(diffusion_last)
-    with pytest.raises(UserError, match="is a diffusion checkpoint but stage=autoencoder trains autoencoder"):
+    with pytest.raises(
+        UserError, match="is a diffusion checkpoint but stage=autoencoder trains autoencoder"
+    ):
         resume_checkpoints(cfg)
     with open_dict(cfg):
         cfg.stage, cfg.ckpt_path = "diffusion", str(ae_last)

@@ -1,5 +1,6 @@
 """Helpers of the scale/reproducibility/resume tests: run train.py as users do, compare checkpoints,
-and two fault-injecting callbacks the runs load by `_target_` (so they live in an importable module)."""
+and two fault-injecting callbacks the runs load by `_target_` (so they live in an importable
+module)."""
 
 from __future__ import annotations
 
@@ -22,15 +23,19 @@ from tests.conftest import ROOT, compose_config
 FAST = ["debug=fast", "logger=csv", "fid.every_n_epochs=0", "trainer.deterministic=true"]
 
 
-def train_cli(*args: str, cwd: Path, launcher: tuple[str, ...] = (), timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python [launcher] train.py args` in `cwd` (logs and caches land under it), one thread per rank."""
+def train_cli(
+    *args: str, cwd: Path, launcher: tuple[str, ...] = (), timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`python [launcher] train.py args` in `cwd` (logs and caches land under it); 1 thread/rank."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     command = [sys.executable, *launcher, str(ROOT / "train.py"), *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def train_in_process(overrides: list[str], out: Path) -> tuple[DictConfig, float | None]:
-    """`ldm.train.run` on the FAST config plus `overrides`, outputs in `out/run`: (config, metric)."""
+    """`ldm.train.run` on FAST plus `overrides`, outputs in `out/run`: (config, metric)."""
     from ldm.train import run
 
     cfg = compose_config([*FAST, *overrides], out)
@@ -38,7 +43,8 @@ def train_in_process(overrides: list[str], out: Path) -> tuple[DictConfig, float
 
 
 def explain(result: subprocess.CompletedProcess) -> str:
-    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-5000:]}"
+    out, err = result.stdout[-3000:], result.stderr[-5000:]
+    return f"exit {result.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"
 
 
 def load_ckpt(path: Path) -> dict[str, Any]:
@@ -76,7 +82,10 @@ def logged(run_dir: Path, stage: str, key: str = "train/loss") -> dict[int, floa
     values: dict[int, float] = {}
     for version in sorted((run_dir / "csv").glob("version_*")):
         hparams = version / "hparams.yaml"
-        if not hparams.is_file() or yaml.safe_load(hparams.read_text()).get("trained_stage") != stage:
+        if (
+            not hparams.is_file()
+            or yaml.safe_load(hparams.read_text()).get("trained_stage") != stage
+        ):
             continue
         with open(version / "metrics.csv") as f:
             for row in csv.DictReader(f):
@@ -86,8 +95,8 @@ def logged(run_dir: Path, stage: str, key: str = "train/loss") -> dict[int, floa
 
 
 class SignalAt(pl.Callback):
-    """Fault: send the signal `name` (e.g. SIGKILL) to this very process at the end of training batch
-    `batch` of epoch `epoch`, as a scheduler or the OOM killer would, at a known step."""
+    """Fault: send the signal `name` (e.g. SIGKILL) to this very process at the end of training
+    batch `batch` of epoch `epoch`, as a scheduler or the OOM killer would, at a known step."""
 
     def __init__(self, epoch: int, batch: int, name: str):
         self.epoch, self.batch, self.signum = epoch, batch, signal.Signals[name]
@@ -108,4 +117,3 @@ class FailOnJob(pl.Callback):
 
         if HydraConfig.get().job.num == self.job:
             raise RuntimeError(f"injected failure in job {self.job}")
-

@@ -1,4 +1,4 @@
-"""Exact resume: RNG states and data position in checkpoints; a checkpoint on SIGTERM/SIGUSR1/SIGUSR2.
+"""Exact resume: RNG states and data position in checkpoints; a checkpoint on SIGTERM/USR1/USR2.
 
 Lightning restores the model, optimizers, LR schedulers, loop counters and callback states (EMA
 included). `ExactResume` adds the global random number generators (stage 1's posterior sampling
@@ -35,7 +35,7 @@ def distributed(trainer: pl.Trainer) -> bool:
 
 
 def collect_rng_states() -> dict[str, Any]:
-    """This process's global RNG states as tensors and plain data (loadable with weights_only=True)."""
+    """This process's global RNG states as tensors and plain data (weights_only=True loads them)."""
     # The legacy global state is the one seed_everything seeds and library code draws from.
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()  # noqa: NPY002
     return {
@@ -54,12 +54,22 @@ def collect_rng_states() -> dict[str, Any]:
 
 def set_rng_states(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    if (
+        state["cuda"]
+        and torch.cuda.is_available()
+        and len(state["cuda"]) == torch.cuda.device_count()
+    ):
         torch.cuda.set_rng_state_all(state["cuda"])
     np_state = state["numpy"]
     keys = np_state["keys"].numpy().astype(np.uint32)
     np.random.set_state(  # noqa: NPY002
-        (np_state["name"], keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
+        (
+            np_state["name"],
+            keys,
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
     )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -96,7 +106,10 @@ class ExactResume(pl.Callback):
         else:
             ranks = [rng]
         loader = self._train_loader()
-        return {"rng": ranks, "train_dataloader": loader.state_dict() if loader is not None else None}
+        return {
+            "rng": ranks,
+            "train_dataloader": loader.state_dict() if loader is not None else None,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._rng_to_restore = state_dict["rng"]
@@ -119,8 +132,11 @@ class ExactResume(pl.Callback):
         states, self._rng_to_restore = self._rng_to_restore, None
         if len(states) != self.world_size:
             log.warning(
-                "checkpoint holds RNG states of %d ranks, this run has %d; rank %d takes those of rank %d",
-                len(states), self.world_size, self.rank, self.rank % len(states),
+                "checkpoint holds RNG states of %d ranks, this run has %d; rank %d takes rank %d's",
+                len(states),
+                self.world_size,
+                self.rank,
+                self.rank % len(states),
             )
         set_rng_states(states[self.rank % len(states)])
 
@@ -192,12 +208,17 @@ class PreemptionCheckpoint(pl.Callback):
             try:
                 self._previous[signum] = signal.signal(signum, self._handler)
             except ValueError:  # not the main thread: signals cannot be handled here
-                log.debug("PreemptionCheckpoint: cannot install a %s handler outside the main thread", signum)
+                log.debug(
+                    "PreemptionCheckpoint: cannot install a %s handler outside the main thread",
+                    signum,
+                )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if signal.SIGTERM in self._previous and signal.getsignal(signal.SIGTERM) != self._handler:
             try:
-                signal.signal(signal.SIGTERM, self._handler)  # Lightning restores its own at teardown
+                signal.signal(
+                    signal.SIGTERM, self._handler
+                )  # Lightning restores its own at teardown
             except ValueError:
                 pass
 
@@ -225,7 +246,7 @@ class PreemptionCheckpoint(pl.Callback):
         self.received = self._agreed_signal(trainer)
 
     def exit_if_signalled(self) -> None:
-        """Call after `trainer.fit`: exit as `_save_and_exit` does if a signal came too late for it."""
+        """Call after `trainer.fit`: exit as `_save_and_exit` does if a signal came too late."""
         if self.received:
             name = signal.Signals(self.received).name
             log.warning("%s after the last training batch: the stage finished; exiting", name)
@@ -243,18 +264,25 @@ class PreemptionCheckpoint(pl.Callback):
         trainer.save_checkpoint(self.path, weights_only=False)
         if trainer.is_global_zero:
             log.warning(
-                "%s at epoch %d, step %d: saved %s; resume with hydra.run.dir=<this run dir> ckpt_path=last",
-                name, trainer.current_epoch, trainer.global_step, self.path,
+                "%s at epoch %d, step %d: saved %s; resume: hydra.run.dir=<run dir> ckpt_path=last",
+                name,
+                trainer.current_epoch,
+                trainer.global_step,
+                self.path,
             )
         previous = self._previous.get(signum)
         self._restore_handlers()
-        if callable(previous) and not isinstance(getattr(previous, "__self__", None), PreemptionCheckpoint):
+        if callable(previous) and not isinstance(
+            getattr(previous, "__self__", None), PreemptionCheckpoint
+        ):
             previous(signum, None)  # e.g. submitit requeues on its signal, then exits (rank zero)
         if self.requeue and signum == signal.SIGUSR1 and trainer.is_global_zero:
             requeue_slurm_job()
         raise SIGTERMException(128 + signum)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._restore_handlers()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

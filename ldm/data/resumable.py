@@ -18,10 +18,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class ResumableSampler(DistributedSampler):
-    """`DistributedSampler` (order from `seed + epoch`, shard `rank` of `num_replicas`) that can start
-    a pass part-way: `start` indices of this rank's shard are skipped once, by the next pass."""
+    """`DistributedSampler` (order from `seed + epoch`, shard `rank` of `num_replicas`) that can
+    start a pass part-way: the next pass skips the first `start` indices of this rank's shard."""
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.start = 0
 

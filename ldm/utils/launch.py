@@ -29,7 +29,11 @@ def external_launcher(environ: Mapping[str, str]) -> str | None:
     """`torchrun` or `srun` when this process is one of several that such a launcher started."""
     if "TORCHELASTIC_RUN_ID" in environ and int(environ.get("WORLD_SIZE", "1")) > 1:
         return "torchrun"
-    if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ and "SLURM_JOB_ID" in environ:
+    if (
+        int(environ.get("SLURM_NTASKS", "1")) > 1
+        and "SLURM_PROCID" in environ
+        and "SLURM_JOB_ID" in environ
+    ):
         return "srun"
     return None
 
@@ -37,8 +41,8 @@ def external_launcher(environ: Mapping[str, str]) -> str | None:
 def rank_label(environ: Mapping[str, str]) -> str | None:
     """This process's rank as named in its log file; None for rank zero (or a single process).
 
-    Read from the launcher's environment as Lightning reads it: RANK (torchrun), SLURM_PROCID (srun),
-    else LOCAL_RANK and NODE_RANK (processes that Lightning's own DDP launcher starts).
+    Read from the launcher's environment as Lightning reads it: RANK (torchrun), SLURM_PROCID
+    (srun), else LOCAL_RANK and NODE_RANK (processes that Lightning's own DDP launcher starts).
     """
     if "RANK" in environ:
         rank = environ["RANK"]
@@ -56,7 +60,9 @@ def process_start_time(pid: int) -> float | None:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         start_ticks = int(fields[19])  # field 22 of stat(5); fields[0] is field 3
         boot = next(
-            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
         )
     except (OSError, IndexError, ValueError, StopIteration):
         return None
@@ -95,12 +101,14 @@ def option_value(argv: Sequence[str], *names: str) -> str | None:
 
 
 def is_saved_run_config(argv: Sequence[str]) -> bool:
-    """`--config-dir D --config-name N` names a config without a defaults list (a run's saved one)."""
+    """`--config-dir D --config-name N` names a config with no defaults list (a run's saved one)."""
     config_dir = option_value(argv, "--config-dir", "-cd")
     config_name = option_value(argv, "--config-name", "-cn")
     if not (config_dir and config_name):
         return False
-    path = Path(config_dir) / (config_name if config_name.endswith(".yaml") else f"{config_name}.yaml")
+    path = Path(config_dir) / (
+        config_name if config_name.endswith(".yaml") else f"{config_name}.yaml"
+    )
     try:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
@@ -126,5 +134,7 @@ def launch_overrides(argv: Sequence[str], environ: Mapping[str, str]) -> list[st
         if launcher is not None and not has_override(argv, "hydra.output_subdir"):
             extra.append("hydra.output_subdir=null")
         if not any(arg.lstrip("+").startswith("hydra/job_logging") for arg in argv):
-            extra.append(f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/${{task_name}}_rank{rank}.log")
+            extra.append(
+                f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/${{task_name}}_rank{rank}.log"
+            )
     return extra

@@ -23,13 +23,24 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-PACKAGES = ("torch", "torchvision", "pytorch-lightning", "hydra-core", "omegaconf", "torchmetrics", "wandb", "numpy")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "pytorch-lightning",
+    "hydra-core",
+    "omegaconf",
+    "torchmetrics",
+    "wandb",
+    "numpy",
+)
 
 
 def git(repo_dir: Path, *args: str) -> str | None:
     """Output of a git command in `repo_dir`; None outside a git checkout or without git."""
     try:
-        out = subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", *args], cwd=repo_dir, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout if out.returncode == 0 else None
@@ -39,18 +50,31 @@ def git_state(repo_dir: Path) -> dict[str, Any]:
     """Commit hash and dirty flag (uncommitted changes to tracked files) of the code being run."""
     commit = git(repo_dir, "rev-parse", "HEAD")
     status = git(repo_dir, "status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit.strip() if commit else None, "dirty": bool(status.strip()) if status is not None else None}
+    return {
+        "commit": commit.strip() if commit else None,
+        "dirty": bool(status.strip()) if status is not None else None,
+    }
 
 
 def launch_info(cfg: DictConfig) -> dict[str, Any]:
-    """How the run was launched: the Trainer's device settings, the process launcher, the Hydra job."""
+    """How the run was launched: Trainer device settings, process launcher, Hydra job."""
     from hydra.core.hydra_config import HydraConfig
 
     from ldm.utils.launch import external_launcher
 
     trainer = cfg.get("trainer") or {}
     info: dict[str, Any] = {
-        "trainer": {k: trainer.get(k) for k in ("accelerator", "devices", "num_nodes", "strategy", "precision", "deterministic")},
+        "trainer": {
+            k: trainer.get(k)
+            for k in (
+                "accelerator",
+                "devices",
+                "num_nodes",
+                "strategy",
+                "precision",
+                "deterministic",
+            )
+        },
         "launcher": external_launcher(os.environ),
         "world_size": int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
@@ -97,8 +121,10 @@ def build_manifest(cfg: DictConfig, data_fingerprint: str | None) -> dict[str, A
     }
 
 
-def write_run_files(output_dir: Path, cfg: DictConfig, data_fingerprint: str | None) -> dict[str, Any]:
-    """Write config_resolved.yaml, manifest.json, command.txt (and git_diff.patch) into the run dir."""
+def write_run_files(
+    output_dir: Path, cfg: DictConfig, data_fingerprint: str | None
+) -> dict[str, Any]:
+    """Write config_resolved.yaml, manifest.json, command.txt (and git_diff.patch) in the run dir."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     manifest = build_manifest(cfg, data_fingerprint)

@@ -5,8 +5,9 @@ checkpoint: the best one of stage 1 under `stage=all`, or `autoencoder_ckpt=PATH
 
 Resume (`ckpt_path`, see `resume_checkpoints`) continues a stopped stage exactly: Lightning restores
 the weights, EMA, optimizers, LR schedulers and loop counters; `ExactResume` the global RNGs and
-the position of the training data module's resumable loader (ldm.data.resumable). `PreemptionCheckpoint` saves
-`checkpoints/<stage>/last.ckpt` and exits on SIGTERM, SIGUSR1 or SIGUSR2.
+the position of the training data module's resumable loader (ldm.data.resumable).
+`PreemptionCheckpoint` saves `checkpoints/<stage>/last.ckpt` and exits on SIGTERM, SIGUSR1 or
+SIGUSR2.
 """
 
 from __future__ import annotations
@@ -75,13 +76,17 @@ def resume_checkpoints(cfg: DictConfig) -> dict[str, str]:
             if last.is_file():
                 log.info("ckpt_path=last: resuming stage %s from %s", stage, last)
                 return {stage: str(last)}
-        log.info("ckpt_path=last: no last.ckpt under %s; starting from scratch", Path(cfg.paths.output_dir) / "checkpoints")
+        where = Path(cfg.paths.output_dir) / "checkpoints"
+        log.info("ckpt_path=last: no last.ckpt under %s; starting from scratch", where)
         return {}
     stage = load_checkpoint(ckpt_path, mmap=True)["ldm"]["stage"]
     if stage not in stages:
+        hint = ""
+        if stage == "autoencoder":
+            hint = "; to train stage 2 on this autoencoder use autoencoder_ckpt=PATH"
         raise UserError(
-            f"ckpt_path={ckpt_path!r} is a {stage} checkpoint but stage={cfg.stage} trains {' and '.join(stages)}"
-            + ("; to train stage 2 on this autoencoder use autoencoder_ckpt=PATH" if stage == "autoencoder" else "")
+            f"ckpt_path={ckpt_path!r} is a {stage} checkpoint but stage={cfg.stage} trains "
+            f"{' and '.join(stages)}{hint}"
         )
     return {stage: str(ckpt_path)}
 
@@ -113,9 +118,9 @@ def check_multirun_launch(cfg: DictConfig) -> None:
     processes = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else 1
     if processes > 1 and not strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
         raise UserError(
-            f"trainer.devices={devices} x trainer.num_nodes={nodes} processes in a local multirun: Lightning would "
-            "re-run the whole sweep in every rank; sweep with hydra/launcher=slurm (ranks from srun) or run "
-            "each job alone (trainer=ddp_cpu, torchrun)"
+            f"trainer.devices={devices} x trainer.num_nodes={nodes} processes in a local multirun: "
+            "Lightning would re-run the whole sweep in every rank; sweep with hydra/launcher=slurm "
+            "(ranks from srun) or run each job alone (trainer=ddp_cpu, torchrun)"
         )
 
 

@@ -293,7 +293,7 @@ def main() -> None:
         latent_kwargs.pop("_target_")
         optimizer_cfg = OmegaConf.to_container(cfg.model.diffusion.optimizer, resolve=True)
         part_a = throughput(autoencoder, latent_kwargs, optimizer_cfg, image_shape, latent_shape, args)
-        print(format_table(part_a["rows"], A_COLUMNS))
+        print(format_table(part_a["rows"], a_columns(args.clock)))
         print({k: round(v, 2) for k, v in part_a["ratios"].items()})
 
         part_b = None
@@ -317,7 +317,7 @@ def main() -> None:
                     {"model": "pixel (diffusers UNet2DModel + DDPMScheduler)", **pixel_info}]
             part_b = {"rows": rows, "fid_latent_over_pixel": latent_info["fid"] / pixel_info["fid"],
                       "fid": scorer.describe, "sampler": f"DDIM {args.sample_steps} steps, labels i mod 10, no guidance"}
-            print(format_table(rows, B_COLUMNS))
+            print(format_table(rows, b_columns(args.clock)))
 
     payload = {
         "machine": machine,
@@ -325,18 +325,24 @@ def main() -> None:
         "stage1": {"checkpoint": str(ae_ckpt), "trained_here_s_wall": ae_seconds},
         "throughput": part_a,
         "equal_budget": part_b,
-        "table_throughput": format_table(part_a["rows"], A_COLUMNS),
-        "table_equal_budget": format_table(part_b["rows"], B_COLUMNS) if part_b else None,
+        "table_throughput": format_table(part_a["rows"], a_columns(args.clock)),
+        "table_equal_budget": format_table(part_b["rows"], b_columns(args.clock)) if part_b else None,
     }
     print(f"wrote {write_results('latent_vs_pixel', q, payload, args.out)}")
 
 
-A_COLUMNS = [("model", "model"), ("unet", "UNet"), ("params", "params"), ("fwd_gflops_per_image", "fwd GFLOP/img"),
-             ("train_img_s", "train img/s"), ("train_img_s_with_encode", "train img/s incl. encode"),
-             ("forward_img_s", "forward img/s"), ("sample_img_s", "sample img/s")]
-B_COLUMNS = [("model", "model"), ("params", "params"), ("train_s", "train s"), ("steps", "steps"),
-             ("images_seen", "images seen"), ("sample_s", "sample s"), ("num_samples", "N"),
-             ("fid", "FID"), ("kid", "KID"), ("cas", "CAS")]
+def a_columns(clock_name: str) -> list[tuple[str, str]]:
+    unit = "img/s" if clock_name == "wall" else "img/CPU-s"
+    return [("model", "model"), ("unet", "UNet"), ("params", "params"), ("fwd_gflops_per_image", "fwd GFLOP/img"),
+            ("train_img_s", f"train {unit}"), ("train_img_s_with_encode", f"train {unit} incl. encode"),
+            ("forward_img_s", f"forward {unit}"), ("sample_img_s", f"sample {unit}")]
+
+
+def b_columns(clock_name: str) -> list[tuple[str, str]]:
+    unit = "s" if clock_name == "wall" else "CPU-s"
+    return [("model", "model"), ("params", "params"), ("train_s", f"train {unit}"), ("steps", "steps"),
+            ("images_seen", "images seen"), ("sample_s", f"sample {unit}"), ("num_samples", "N"),
+            ("fid", "FID"), ("kid", "KID"), ("cas", "CAS")]
 
 
 if __name__ == "__main__":

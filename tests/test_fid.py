@@ -296,10 +296,11 @@ def test_ddp_ranks_share_samples_and_agree_with_one_process(tmp_path):
     real = torch.rand(30, 1, 4, 4, generator=gen) * 2 - 1
     fake = torch.rand(25, 1, 4, 4, generator=gen) * 1.6 - 0.9
     labels = torch.randint(0, 4, (25,), generator=gen)
-    # fork: the children reuse the imported modules (spawn would re-import torch and Lightning).
+    # spawn, not fork: a forked child deadlocks in OpenMP when the parent process (the test
+    # session) has already run multi-threaded torch ops.
     torch.multiprocessing.start_processes(
         _ddp_worker, args=(2, str(tmp_path / "init"), real, fake, labels, str(tmp_path)), nprocs=2,
-        join=True, start_method="fork",
+        join=True, start_method="spawn",
     )
     extractor = FlattenFeatures()
     single = SampleMetrics(extractor, extractor, 4, sync_on_compute=False)

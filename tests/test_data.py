@@ -7,7 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.data import ImageDataModule, ImageFolder, LatentTensors, MNIST5k, SklearnDigits, TorchvisionSource, split_indices
+from ldm.data import (
+    ImageDataModule,
+    ImageFolder,
+    LatentTensors,
+    MNIST5k,
+    SklearnDigits,
+    TorchvisionSource,
+    split_indices,
+)
 
 
 def make_dm(source, **kw) -> ImageDataModule:
@@ -50,18 +58,18 @@ def test_digits_upsampled():
 def test_split_deterministic_and_disjoint():
     a_train, a_val = split_indices(100, 0.2, seed=3)
     b_train, b_val = split_indices(100, 0.2, seed=3)
-    c_train, c_val = split_indices(100, 0.2, seed=4)
+    _, c_val = split_indices(100, 0.2, seed=4)
     assert a_train == b_train and a_val == b_val
     assert set(a_train).isdisjoint(a_val) and len(set(a_train) | set(a_val)) == 100 and len(a_val) == 20
     assert a_val != c_val
-    with pytest.raises(ValueError, match="val_fraction=1.5"):
+    with pytest.raises(ValueError, match=r"val_fraction=1\.5"):
         split_indices(10, 1.5, 0)
 
 
 def test_declared_shape_mismatch_is_named():
-    with pytest.raises(ValueError, match="data.num_channels=3"):
+    with pytest.raises(ValueError, match=r"data\.num_channels=3"):
         make_dm(MNIST5k(image_size=32), num_channels=3)
-    with pytest.raises(ValueError, match="data.num_classes=None"):
+    with pytest.raises(ValueError, match=r"data\.num_classes=None"):
         make_dm(MNIST5k(image_size=32), num_classes=None)
 
 
@@ -117,7 +125,7 @@ def test_latents_source(tmp_path):
 
 def test_torchvision_missing_files_error(tmp_path):
     source = TorchvisionSource("mnist", root=str(tmp_path), image_size=32, download=False)
-    with pytest.raises(FileNotFoundError, match="data.download=true"):
+    with pytest.raises(FileNotFoundError, match=r"data\.download=true"):
         source.build()
     with pytest.raises(ValueError, match="name='svhn'"):
         TorchvisionSource("svhn", root=str(tmp_path), image_size=32)

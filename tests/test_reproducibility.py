@@ -22,7 +22,7 @@ import torch
 import yaml
 from omegaconf import open_dict
 
-from ldm.callbacks.resume import collect_rng_states, set_rng_states
+from ldm.callbacks.resume import ExactResume, collect_rng_states, set_rng_states
 from ldm.data.resumable import ResumableDataLoader, ResumableSampler
 from ldm.train import resume_checkpoints
 from ldm.utils.errors import UserError
@@ -37,12 +37,13 @@ from tests.train_cli import (
     train_in_process,
 )
 
-# Both stages; stage 2 runs two epochs of 3 batches. A checkpoint after every step whatever the
+# Both stages, two epochs of 3 batches each. A checkpoint after every step whatever the
 # metrics (monitor=null), so the uninterrupted and the resumed run write their final last.ckpt at
 # the same point; an LR schedule whose state has to be resumed as well.
 RESUME = [
     *FAST,
     "stage=all",
+    "stage_trainer.autoencoder.max_epochs=2",
     "stage_trainer.diffusion.max_epochs=2",
     "callbacks.autoencoder.model_checkpoint.monitor=null",
     "callbacks.diffusion.model_checkpoint.monitor=null",
@@ -52,13 +53,14 @@ RESUME = [
 ]
 
 
-def fault(stage: str, epoch: int, batch: int, name: str) -> list[str]:
-    """Overrides that make the run send itself signal `name` after batch `batch` of `epoch`."""
+def fault(stage: str, epoch: int, batch: int | None, name: str) -> list[str]:
+    """Overrides that make the run send itself signal `name` after batch `batch` of `epoch`
+    (None: when the epoch's validation starts)."""
     prefix = f"+callbacks.{stage}.fault"
     return [
         f"{prefix}._target_=tests.train_cli.SignalAt",
         f"{prefix}.epoch={epoch}",
-        f"{prefix}.batch={batch}",
+        f"{prefix}.batch={'null' if batch is None else batch}",
         f"{prefix}.name={name}",
     ]
 
@@ -161,19 +163,18 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(uninterrupted, t
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_that_resumes_exactly(uninterrupted, tmp_path):
+def test_sigterm_during_validation_saves_a_checkpoint_that_resumes_exactly(uninterrupted, tmp_path):
+    # SIGTERM while stage 1 validates after its first epoch: saved when the validation ends.
     run_dir = tmp_path / "stopped"
     stopped = train_cli(
-        *RESUME, f"hydra.run.dir={run_dir}", *fault("autoencoder", 0, 1, "SIGTERM"), cwd=tmp_path
+        *RESUME, f"hydra.run.dir={run_dir}", *fault("autoencoder", 0, None, "SIGTERM"), cwd=tmp_path
     )
     assert stopped.returncode == 128 + signal.SIGTERM, explain(stopped)
     assert "Traceback" not in stopped.stderr, explain(stopped)
     last = run_dir / "checkpoints" / "autoencoder" / "last.ckpt"
-    assert f"SIGTERM at epoch 0, step 2: saved {last}" in (run_dir / "train.log").read_text()
-    assert load_ckpt(last)["global_step"] == 2  # two of the epoch's three batches
-    assert not (
-        run_dir / "checkpoints" / "diffusion"
-    ).exists()  # the run stopped; stage 2 never began
+    assert f"SIGTERM at epoch 0, step 3: saved {last}" in (run_dir / "train.log").read_text()
+    assert load_ckpt(last)["global_step"] == 3  # the first epoch's three batches
+    assert not (run_dir / "checkpoints" / "diffusion").exists()  # stopped; stage 2 never began
 
     resumed = train_cli(*RESUME, f"hydra.run.dir={run_dir}", "ckpt_path=last", cwd=tmp_path)
     assert resumed.returncode == 0, explain(resumed)
@@ -184,7 +185,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(uninterrupted, tmp_path
         )
         reference, this_run = logged(uninterrupted, stage), logged(run_dir, stage)
         assert {step: reference[step] for step in this_run} == this_run
-    assert 2 in logged(run_dir, "autoencoder")  # the step after the resume was logged and matches
+    assert {3, 4, 5} <= logged(run_dir, "autoencoder").keys()  # steps after the resume, matching
     # the resumed invocation is recorded next to the first one
     assert len((run_dir / "command.txt").read_text().splitlines()) == 2
 
@@ -220,6 +221,10 @@ def test_loader_resumes_mid_epoch_and_starts_the_next_epoch_whole():
     other.load_state_dict(state)
     other.sampler.set_epoch(3)
     assert len(list(other)) == 6
+    # passes leave the global RNG alone (a resumed run restores it as of the checkpoint)
+    state = torch.get_rng_state()
+    list(loader())
+    assert torch.equal(state, torch.get_rng_state())
     # two DDP ranks take disjoint halves of one permutation
     shards = [set(torch.cat(list(loader(rank, 2))).tolist()) for rank in (0, 1)]
     assert not shards[0] & shards[1] and len(shards[0]) == len(shards[1]) == 9
@@ -243,6 +248,18 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint():
         and expected[1] == again[1]
         and np.array_equal(expected[2], again[2])
     )
+
+
+def test_rng_of_a_finished_stage_is_restored_when_its_fit_ends():
+    # Resuming from the checkpoint of a finished stage runs no batch; stage 2's weight init that
+    # follows must still draw from the checkpoint's generators.
+    callback = ExactResume()
+    torch.manual_seed(5)
+    callback.load_state_dict(callback.state_dict())
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    callback.on_fit_end(None, None)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def fake_checkpoint(path: Path, stage: str) -> Path:

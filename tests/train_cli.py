@@ -96,13 +96,25 @@ def logged(run_dir: Path, stage: str, key: str = "train/loss") -> dict[int, floa
 
 class SignalAt(pl.Callback):
     """Fault: send the signal `name` (e.g. SIGKILL) to this very process at the end of training
-    batch `batch` of epoch `epoch`, as a scheduler or the OOM killer would, at a known step."""
+    batch `batch` of epoch `epoch` (batch None: when that epoch's validation starts), as a
+    scheduler or the OOM killer would, at a known point."""
 
-    def __init__(self, epoch: int, batch: int, name: str):
+    def __init__(self, epoch: int, name: str, batch: int | None = None):
         self.epoch, self.batch, self.signum = epoch, batch, signal.Signals[name]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+        if self.batch is not None and (trainer.current_epoch, batch_idx) == (
+            self.epoch,
+            self.batch,
+        ):
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if (
+            self.batch is None
+            and trainer.current_epoch == self.epoch
+            and not trainer.sanity_checking
+        ):
             os.kill(os.getpid(), self.signum)
 
 

@@ -79,8 +79,8 @@ class ExactResume(pl.Callback):
     """Saves what Lightning leaves out of a checkpoint and puts it back when a run resumes:
 
     - every rank's global RNG states (torch CPU/CUDA, numpy, python), restored just before the
-      first training batch after the resume, so that whatever draws random numbers while a run
-      starts up (it does so alike in both runs) cannot shift the streams;
+      first training batch after the resume (or at the end of a fit that had no batch left), so
+      that whatever draws random numbers while a run starts up cannot shift the streams;
     - the position of a `ResumableDataLoader` in its epoch. Lightning saves it too (the loader is
       stateful) but loads it only if the training data was not requested earlier, and a model whose
       `configure_optimizers` reads `trainer.estimated_stepping_batches` requests it before the
@@ -127,6 +127,14 @@ class ExactResume(pl.Callback):
             loader.load_state_dict(state)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.restore_rng()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resumed from a checkpoint of a finished stage: no batch left to run, but what comes
+        # next (stage 2's weight init) must still see the generators as they were.
+        self.restore_rng()
+
+    def restore_rng(self) -> None:
         if self._rng_to_restore is None:
             return
         states, self._rng_to_restore = self._rng_to_restore, None
@@ -157,7 +165,8 @@ def requeue_slurm_job() -> None:
 
 
 class PreemptionCheckpoint(pl.Callback):
-    """On one of `signals`: save `dirpath/filename` at the next training batch end, then exit.
+    """On one of `signals`: save `dirpath/filename` at the next training batch end (or the end of
+    the validation under way), then exit.
 
     The handler only sets a flag; the checkpoint is written between batches, where the state is
     consistent (Lightning marks it mid-epoch, so `ckpt_path=last` continues with the next batch).
@@ -239,6 +248,14 @@ class PreemptionCheckpoint(pl.Callback):
         signum = self._agreed_signal(trainer)
         if signum:
             self._save_and_exit(trainer, signum)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A long validation (FID sampling) may outlast the grace period before a hard kill: a
+        # signal that arrived during it is acted on here, where ModelCheckpoint saves too.
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            signum = self._agreed_signal(trainer)
+            if signum:
+                self._save_and_exit(trainer, signum)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A signal after the last training batch (during the final validation): the stage ends

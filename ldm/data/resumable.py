@@ -7,6 +7,7 @@ disjoint shards of one permutation and Lightning does not swap in its own sample
 is "stateful" in Lightning's sense (it has `state_dict`/`load_state_dict`): the checkpoint records
 how many batches of the current epoch were served, and a resumed run skips exactly those indices
 (without loading their data) and continues with the next batch of the same permutation.
+Iterating draws nothing from the global RNG (whose state `ldm.callbacks.resume` checkpoints).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
@@ -50,7 +52,10 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, dataset: Dataset, sampler: ResumableSampler, **kwargs: Any):
         if not isinstance(sampler, ResumableSampler):
             raise ValueError(f"sampler={type(sampler).__name__} must be a ResumableSampler")
-        super().__init__(dataset, sampler=sampler, **kwargs)
+        # Each pass draws the workers' base seed from this generator, seeded by (seed, epoch) below;
+        # DataLoader's default draws it from the global RNG, which a resumed run restores only as
+        # of the checkpoint, so a pass started after that point would shift the global stream.
+        super().__init__(dataset, sampler=sampler, generator=torch.Generator(), **kwargs)
         self.batches_served = 0
         self._resume: tuple[int, int] | None = None
 
@@ -66,6 +71,7 @@ class ResumableDataLoader(DataLoader):
             self._resume = None
             skip = batches if epoch == self.sampler.epoch else 0
         self.sampler.start = skip * self.batch_size
+        self.generator.manual_seed(self.sampler.seed + self.sampler.epoch)
         self.batches_served = skip
         for batch in super().__iter__():
             self.batches_served += 1

@@ -410,6 +410,15 @@ class FIDScorer:
         return {k: scores[k] for k in ("fid", "kid", "cas", "num_samples") if k in scores}
 
 
+    def real_floor(self, datamodule: Any, n: int) -> dict[str, float]:
+        """Scores of `n` held-out real images (the val split) as if generated: the best FID reachable
+        at this N, to read the generated scores against (small N biases FID upwards)."""
+        from ldm.metrics.train_classifier import collect_images
+
+        images, labels = collect_images(datamodule.val_dataset)
+        return self(images[:n], labels[:n] if labels is not None else None)
+
+
 def even_labels(n: int, num_classes: int) -> torch.Tensor:
     """Labels 0..K-1, 0..K-1, ... for n samples: every class equally often (as sample.py does)."""
     return torch.arange(n) % num_classes  # (n,)

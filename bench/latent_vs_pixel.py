@@ -316,6 +316,7 @@ def main() -> None:
             rows = [{"model": "latent (ours, LatentDiffusion)", **latent_info},
                     {"model": "pixel (diffusers UNet2DModel + DDPMScheduler)", **pixel_info}]
             part_b = {"rows": rows, "fid_latent_over_pixel": latent_info["fid"] / pixel_info["fid"],
+                      "real_floor": scorer.real_floor(datamodule, args.num_samples),
                       "fid": scorer.describe, "sampler": f"DDIM {args.sample_steps} steps, labels i mod 10, no guidance"}
             print(format_table(rows, b_columns(args.clock)))
 

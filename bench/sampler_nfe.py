@@ -116,6 +116,8 @@ def main() -> None:
     labels = even_labels(args.num_samples, datamodule.num_classes) if model.num_classes else None
     if labels is None:
         raise SystemExit("sampler_nfe compares class-balanced samples; the checkpoint is unconditional")
+    floor = scorer.real_floor(datamodule, args.num_samples)
+    print(f"real floor (N={args.num_samples} val images): FID {floor['fid']:.2f}")
     rows = []
     for name, nfe in SWEEP:
         if nfe > model.schedule.num_timesteps:
@@ -152,6 +154,7 @@ def main() -> None:
                        "unet": config["model"]["diffusion"]["unet"],
                        "schedule": config["schedule"], "ema": not args.no_ema},
         "fid": scorer.describe,
+        "real_floor": floor,
         "rows": rows,
         "summary": summary,
         "plot": png.name,

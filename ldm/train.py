@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,9 @@ from ldm.utils.manifest import write_run_files
 from ldm.utils.validation import check_writable, validate_config
 
 log = logging.getLogger(__name__)
+
+# ThroughputMonitor (conf/callbacks) reports images/s; FLOPs (MFU) are measured by bench/ instead.
+warnings.filterwarnings("ignore", message="When using the `ThroughputMonitor`, you need to define a `flops_per_batch`")
 
 # Keys of model/diffusion that configure the run, not the LightningModule's constructor.
 DIFFUSION_RUN_KEYS = ("latent_cache",)
@@ -158,7 +163,9 @@ def fit_stage(
                                 "data/num_skipped": getattr(datamodule, "num_skipped", 0)})
 
     log.info("stage %s: fitting %s", stage, type(model).__name__)
+    started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - started
     preemption.exit_if_signalled()
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule)
@@ -172,7 +179,8 @@ def fit_stage(
         trainer.save_checkpoint(last)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     finish_wandb()
-    return {"best_checkpoint": best or last, "last_checkpoint": last or best, "metrics": metrics, "trainer": trainer}
+    return {"best_checkpoint": best or last, "last_checkpoint": last or best, "metrics": metrics,
+            "trainer": trainer, "fit_seconds": fit_seconds}
 
 
 def use_autoencoder_config(cfg: DictConfig, ae_config: dict[str, Any]) -> None:
@@ -204,7 +212,8 @@ def save_final_grid(model: pl.LightningModule, datamodule: pl.LightningDataModul
 def print_summary(results: dict[str, dict[str, Any]], grid: Path | None) -> None:
     lines = ["", "=== ldm run summary ==="]
     for stage, result in results.items():
-        lines.append(f"{stage} checkpoint (best): {result['best_checkpoint']}")
+        lines.append(f"{stage} checkpoint (best): {result['best_checkpoint']} "
+                     f"(fit: {result['fit_seconds']:.0f} s wall)")
         shown = {k: v for k, v in result["metrics"].items() if k.startswith(("val/", "ref/", "test/"))}
         lines.append(f"{stage} metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())))
     if grid is not None:

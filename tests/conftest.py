@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -16,6 +17,23 @@ CONF_DIR = ROOT / "conf"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def quiet_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    """A CPU Trainer for unit tests: no logger, checkpoints, progress bar, summary or validation
+    unless the test asks for them through kwargs."""
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
+    return pl.Trainer(**{**args, **kwargs})
 
 
 def compose_config(overrides: list[str], tmp_path: Path, config_name: str = "train") -> DictConfig:

@@ -25,6 +25,7 @@ from ldm.modules.discriminator import (
 from ldm.modules.distributions import DiagonalGaussian
 from ldm.modules.quantizer import VectorQuantizer
 from ldm.utils.images import log_image_grid
+from tests.conftest import quiet_trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "autoencoder"
 
@@ -62,21 +63,6 @@ def make_vq(ch_mult=(1, 2, 2), num_codes=32, **kw) -> VQAutoencoder:
         num_codes, 4, kmeans_init_batches=1, kmeans_iters=3, dead_code_steps=5
     )
     return VQAutoencoder(enc, dec, quantizer, _adam(), latent_channels=4, image_channels=1, **kw)
-
-
-def _trainer(tmp_path: Path, max_steps: int, **kw) -> pl.Trainer:
-    defaults = dict(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=str(tmp_path),
-    )
-    return pl.Trainer(**{**defaults, **kw})
 
 
 @torch.no_grad()
@@ -170,7 +156,7 @@ def test_training_on_mnist_lowers_reconstruction_loss(kind, mnist, tmp_path):
     model = make_kl() if kind == "kl" else make_vq()
     held_out = mnist[-64:]
     before = _rec_l1(model, held_out)
-    _trainer(tmp_path, max_steps=40).fit(model, _loader(mnist[:-64], shuffle=True))
+    quiet_trainer(tmp_path, max_steps=40).fit(model, _loader(mnist[:-64], shuffle=True))
     after = _rec_l1(model, held_out)
     assert after < 0.6 * before, (before, after)
     if kind == "vq":
@@ -184,7 +170,7 @@ def test_training_is_deterministic_under_a_seed(mnist, tmp_path):
     for _ in range(2):
         pl.seed_everything(3)
         model = make_vq()
-        _trainer(tmp_path, max_steps=4).fit(model, _loader(mnist[:128], shuffle=True))
+        quiet_trainer(tmp_path, max_steps=4).fit(model, _loader(mnist[:128], shuffle=True))
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
@@ -196,7 +182,7 @@ def test_discriminator_path_steps_both_optimizers(mnist, tmp_path):
     assert model.automatic_optimization is False
     enc0 = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     d0 = {k: v.clone() for k, v in disc.state_dict().items()}
-    trainer = _trainer(tmp_path, max_steps=5)
+    trainer = quiet_trainer(tmp_path, max_steps=5)
     trainer.fit(model, _loader(mnist[:96], batch_size=16))
     assert len(trainer.optimizers) == 2
     # batches 0..2 (disc_start=1): batch 0 steps the autoencoder only, batches 1, 2 both
@@ -213,7 +199,7 @@ def test_discriminator_is_frozen_before_disc_start(mnist, tmp_path):
     disc = NLayerDiscriminator(in_channels=1, ndf=8, n_layers=2)
     model = make_kl(discriminator=disc, disc_weight=0.5, disc_start=100)
     d0 = {k: v.clone() for k, v in disc.state_dict().items()}
-    trainer = _trainer(tmp_path, max_steps=3)
+    trainer = quiet_trainer(tmp_path, max_steps=3)
     trainer.fit(model, _loader(mnist[:96], batch_size=32))
     assert all(torch.equal(d0[k], v) for k, v in disc.state_dict().items())
     assert "train/d_loss" not in trainer.callback_metrics
@@ -233,7 +219,7 @@ def test_cosine_lr_schedule_with_warmup(mnist, tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    trainer = _trainer(tmp_path, max_steps=-1, max_epochs=1, callbacks=[RecordLR()])
+    trainer = quiet_trainer(tmp_path, max_steps=-1, max_epochs=1, callbacks=[RecordLR()])
     trainer.fit(model, _loader(mnist[:192], batch_size=32))  # 6 batches
     # warm-up 1/2, 2/2 of lr=2e-3, then a half cosine over the remaining 4 batches
     expected = [1e-3, 2e-3] + [1e-3 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
@@ -260,7 +246,7 @@ def test_validation_logs_metrics_grid_and_scale_factor(mnist, tmp_path):
     pl.seed_everything(0)
     model = make_vq()
     logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
-    trainer = _trainer(
+    trainer = quiet_trainer(
         tmp_path, max_steps=6, logger=logger, limit_val_batches=2, log_every_n_steps=1
     )
     train, val = _loader(mnist[:192], shuffle=True), _loader(mnist[-64:])
@@ -327,7 +313,7 @@ def test_checkpoint_round_trip_restores_identical_outputs(use_ema, mnist, tmp_pa
 
     pl.seed_everything(0)
     model = build(0)
-    trainer = _trainer(tmp_path, max_steps=6, limit_val_batches=1)
+    trainer = quiet_trainer(tmp_path, max_steps=6, limit_val_batches=1)
     trainer.fit(model, _loader(mnist[:64]), _loader(mnist[-32:]))
     path = tmp_path / "ae.ckpt"
     trainer.save_checkpoint(path)
@@ -404,7 +390,7 @@ def test_vq_under_two_process_ddp_keeps_ranks_identical(mnist, tmp_path):
     enc, dec = _nets(double_z=False)
     quantizer = VectorQuantizer(32, 4, kmeans_init_batches=2, kmeans_iters=2, dead_code_steps=2)
     model = VQAutoencoder(enc, dec, quantizer, functools.partial(torch.optim.Adam, lr=2e-3), 4, 1)
-    trainer = _trainer(
+    trainer = quiet_trainer(
         tmp_path,
         max_steps=-1,
         max_epochs=2,

@@ -4,6 +4,7 @@ label dropout, latent cache == on-the-fly encoding, sampling, checkpoint round t
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import hydra
@@ -14,11 +15,12 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from ldm.callbacks.checkpoint_config import StoreConfigInCheckpoint
+from ldm.callbacks.ema import ema_decay_at, get_ema_warmup_multi_avg_fn
 from ldm.data.latent_cache import build_latent_cache, latent_cache_datamodule, latent_cache_key
 from ldm.diffusion.samplers import build_sampler
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.modules.unet import UNet
-from tests.conftest import compose_config
+from tests.conftest import compose_config, quiet_trainer
 
 # Digits at 16x16, f=4 KL autoencoder with 4 latent channels -> 4x4x4 latents; T=100, 4-step DDIM.
 TINY = [
@@ -33,15 +35,15 @@ TINY = [
     "sampler.steps=4",
 ]
 
-# The EMA callback entry recommended for conf/callbacks (diffusion stage), with a test-sized decay.
-# Lerp-based EMA (get_ema_multi_avg_fn) keeps constant tensors bit-exact: EMAWeightAveraging's
-# avg_fn, decay * e + (1 - decay) * w, drifts the frozen autoencoder weights by float rounding.
+# The EMA callback entry of conf/callbacks (diffusion stage), with a test-sized decay.
+# A lerp-based EMA keeps constant tensors bit-exact: EMAWeightAveraging's avg_fn,
+# decay * e + (1 - decay) * w, drifts the frozen autoencoder weights by float rounding.
 # use_buffers=false: buffers (schedule, scale_factor) are copied, not averaged.
 EMA_YAML = """
 _target_: pytorch_lightning.callbacks.WeightAveraging
 use_buffers: false
 multi_avg_fn:
-  _target_: torch.optim.swa_utils.get_ema_multi_avg_fn
+  _target_: ldm.callbacks.ema.get_ema_warmup_multi_avg_fn
   decay: 0.9
 """
 
@@ -86,21 +88,6 @@ def fixed_loss(model: LatentDiffusion, batch, seed: int = 0) -> float:
         t = torch.randint(0, model.schedule.num_timesteps, (x0.shape[0],), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         return model.diffusion_loss(x0, t, noise, model.batch_labels(batch)).item()
-
-
-def trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=str(tmp_path),
-    )
-    return pl.Trainer(**{**args, **kwargs})
 
 
 def same_batch_loader(batch, n: int) -> DataLoader:
@@ -162,7 +149,7 @@ def trained(tmp_path_factory):
     ae_before = {k: v.clone() for k, v in model.autoencoder.state_dict().items()}
     unet_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     loss_before = fixed_loss(model, batch)
-    trainer(tmp_path, max_steps=30).fit(model, train_dataloaders=same_batch_loader(batch, 30))
+    quiet_trainer(tmp_path, max_steps=30).fit(model, train_dataloaders=same_batch_loader(batch, 30))
     return dict(model=model, batch=batch, ae_before=ae_before, unet_before=unet_before,
                 loss_before=loss_before, loss_after=fixed_loss(model, batch))
 
@@ -240,7 +227,7 @@ def test_validation_logs_loss_and_grid_and_is_repeatable(tmp_path):
     cfg = tiny_cfg(tmp_path)
     model = make_model(cfg, make_autoencoder(cfg), randomize=True)
     dm = hydra.utils.instantiate(cfg.data)
-    t = trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=2, limit_test_batches=2)
+    t = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=2, limit_test_batches=2)
     t.fit(model, datamodule=dm)
     assert "train/loss" in t.callback_metrics and "val/loss" in t.callback_metrics
     grids = sorted((tmp_path / "images").glob("val_samples_*.png"))
@@ -347,7 +334,7 @@ def test_checkpoint_alone_reloads_and_samples_identically(tmp_path):
     batch = image_batch(cfg)
     resolved = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                 for k, v in cfg.items() if k != "hydra"}  # as ldm.train stores it
-    t = trainer(tmp_path, max_steps=5, callbacks=[StoreConfigInCheckpoint("diffusion", resolved)])
+    t = quiet_trainer(tmp_path, max_steps=5, callbacks=[StoreConfigInCheckpoint("diffusion", resolved)])
     t.fit(model, train_dataloaders=same_batch_loader(batch, 5))
     path = tmp_path / "stage2.ckpt"
     t.save_checkpoint(path)
@@ -376,6 +363,63 @@ def ema_callback():
     return hydra.utils.instantiate(OmegaConf.create(EMA_YAML))
 
 
+def _module_with(w: torch.Tensor) -> torch.nn.Module:
+    m = torch.nn.Linear(1, w.numel(), bias=False)
+    with torch.no_grad():
+        m.weight.copy_(w.view(-1, 1))
+    return m
+
+
+def run_ema(weights: list[torch.Tensor], **kwargs) -> torch.Tensor:
+    """The EMA of a sequence of weights as WeightAveraging computes it (AveragedModel)."""
+    averaged = torch.optim.swa_utils.AveragedModel(
+        _module_with(weights[0]), multi_avg_fn=get_ema_warmup_multi_avg_fn(**kwargs)
+    )
+    for w in weights:
+        averaged.update_parameters(_module_with(w))
+    return averaged.module.weight.detach().view(-1)
+
+
+def test_ema_warmup_matches_the_closed_form_recursion():
+    """e_1 = w_1, e_n = d_n e_{n-1} + (1 - d_n) w_n with d_n = min(decay, (1 + n') / (10 + n'))
+    for the n' = n - 1-th update (LitEma / diffusers EMAModel warm-up)."""
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(5, generator=g, dtype=torch.float64).float() for _ in range(40)]
+    expected = weights[0].double()
+    for n, w in enumerate(weights[1:], start=1):
+        d = min(0.95, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * w.double()
+    torch.testing.assert_close(run_ema(weights, decay=0.95).double(), expected, rtol=0, atol=1e-6)
+    assert ema_decay_at(8990, 0.999) == pytest.approx(0.999) and ema_decay_at(100, 0.999) < 0.92
+
+
+def test_ema_without_warmup_equals_torchs_ema():
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(7, generator=g) for _ in range(20)]
+    reference = torch.optim.swa_utils.AveragedModel(
+        _module_with(weights[0]), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9)
+    )
+    for w in weights:
+        reference.update_parameters(_module_with(w))
+    assert torch.equal(run_ema(weights, decay=0.9, warmup=False), reference.module.weight.detach().view(-1))
+
+
+def test_ema_warmup_forgets_the_first_weights_of_a_short_run():
+    """The default run's 875 stage-2 steps: one step-1 network followed by zeros. Without warm-up
+    0.999^874 of it stays in the average; with warm-up the product of d_1..d_874, 10! 875! / 884!."""
+    first, rest = torch.ones(1), [torch.zeros(1)] * 874
+    plain = run_ema([first, *rest], decay=0.999, warmup=False).item()
+    warm = run_ema([first, *rest], decay=0.999).item()
+    assert plain == pytest.approx(0.999**874, rel=1e-4, abs=0) and plain > 0.4
+    assert warm == pytest.approx(math.factorial(10) * math.factorial(875) / math.factorial(884), rel=1e-4, abs=0)
+    assert warm < 1e-19
+
+
+def test_ema_keeps_constant_tensors_bit_exact():
+    w = torch.randn(1000, generator=torch.Generator().manual_seed(2)) * 1e3
+    assert torch.equal(run_ema([w] * 50, decay=0.999), w)
+
+
 @pytest.mark.slow
 def test_ema_resume_is_exact_and_validation_uses_ema(tmp_path):
     """EMAWeightAveraging as configured in EMA_YAML: 4 epochs in one go == 2 epochs, stop, resume
@@ -398,7 +442,7 @@ def test_ema_resume_is_exact_and_validation_uses_ema(tmp_path):
         # save_top_k=1 makes last.ckpt be written each epoch. (With save_top_k=0 it is written only
         # in on_train_end, after WeightAveraging copied the EMA into the raw weights: not resumable.)
         ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / name, save_last=True, save_top_k=1)
-        t = trainer(tmp_path / name, max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=1,
+        t = quiet_trainer(tmp_path / name, max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=1,
                     enable_checkpointing=True, callbacks=[ema_callback(), ckpt_cb])
         torch.manual_seed(1234)  # global RNG differs between the runs below; results must not
         t.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)

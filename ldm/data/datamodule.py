@@ -21,6 +21,11 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return perm[n_val:], perm[:n_val]
 
 
+def batch_size(batch: dict[str, torch.Tensor]) -> int:
+    """The number of images in a batch of images or cached latents (Lightning's ThroughputMonitor)."""
+    return len(batch["image"] if "image" in batch else batch["latent"])
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Serves dict batches `{"image": (B, C, H, W) in [-1, 1], "label": (B,)}` from one Source.
 

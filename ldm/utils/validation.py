@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -235,8 +236,20 @@ class OutputDirCheck(HydraCallback):
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from err  # not an Exception: Hydra does not wrap it in a traceback
 
+    @staticmethod
+    def resolve(config: DictConfig, key: str) -> str:
+        # Hydra calls these hooks before it sets HydraConfig, and the default dirs interpolate
+        # `${hydra:runtime.cwd}`: set it for the lookup, then put the previous one back.
+        holder = HydraConfig.instance()
+        previous = holder.cfg
+        holder.set_config(copy.deepcopy(config))  # set_config marks its argument read-only
+        try:
+            return str(OmegaConf.select(config, key, throw_on_missing=True))
+        finally:
+            holder.cfg = previous
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.check(config.hydra.run.dir, "hydra.run.dir")
+        self.check(self.resolve(config, "hydra.run.dir"), "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.check(config.hydra.sweep.dir, "hydra.sweep.dir")
+        self.check(self.resolve(config, "hydra.sweep.dir"), "hydra.sweep.dir")

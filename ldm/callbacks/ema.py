@@ -1,0 +1,38 @@
+"""The EMA update for Lightning's `WeightAveraging` callback (conf/callbacks/default.yaml: `ema`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def ema_decay_at(update: int, decay: float, warmup: bool = True) -> float:
+    """The decay of the `update`-th EMA update (1-based): `min(decay, (1 + n) / (10 + n))` with
+    warm-up, as in CompVis' LitEma and diffusers' EMAModel, else `decay`."""
+    return min(decay, (1 + update) / (10 + update)) if warmup else decay
+
+
+def get_ema_warmup_multi_avg_fn(decay: float = 0.999, warmup: bool = True):
+    """`torch.optim.swa_utils.get_ema_multi_avg_fn` with the usual warm-up of the decay.
+
+    Without warm-up the average of a short run keeps a large share of the first weights: after
+    the default CPU run's 875 stage-2 steps, 0.999^874 = 42% of the EMA is the step-1 network, and
+    its samples are blobs. With warm-up that share is 1e-20 and the decay reaches 0.999
+    after ~9,000 updates, so long runs average as before.
+
+    Each update is a lerp, so tensors that do not change (the frozen autoencoder) stay bit-exact.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+
+    @torch.no_grad()
+    def ema_update(ema_params: list[Tensor], current_params: list[Tensor], num_averaged: Tensor) -> None:
+        # AveragedModel copies the first model and counts it: the n-th call here is update n.
+        weight = 1.0 - ema_decay_at(int(num_averaged), decay, warmup)
+        if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):
+            torch._foreach_lerp_(ema_params, current_params, weight)
+        else:
+            for ema, current in zip(ema_params, current_params, strict=True):
+                ema.copy_(ema * (1.0 - weight) + current * weight)
+
+    return ema_update

@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ldm.utils.cli import check_group_overrides, exit_on_user_error
+from ldm.utils.cli import check_group_overrides, exit_on_user_error, open_section_overrides
 from ldm.utils.errors import UserError
 from ldm.utils.launch import launch_overrides
 
@@ -58,5 +58,6 @@ if __name__ == "__main__":
         check_group_overrides(sys.argv[1:], CONF_DIR)
     except UserError as err:
         exit_on_user_error(err)
+    sys.argv[1:] = open_section_overrides(sys.argv[1:])
     sys.argv += launch_overrides(sys.argv[1:], os.environ)
     main()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.utils.cli import group_options
+from ldm.utils.cli import group_options, open_section_overrides
 from ldm.utils.errors import UserError
 from ldm.utils.validation import validate_config
 from tests.conftest import CONF_DIR, ROOT, compose_config
@@ -60,6 +60,23 @@ def test_unknown_group_option_exits_2_with_one_line():
         "error: data='nope' is not an option of 'data'; choose one of: "
         f"{', '.join(group_options(CONF_DIR, 'data'))}\n"
     )
+
+
+def test_per_stage_keys_can_be_added_without_a_plus():
+    """`stage_trainer.<stage>` / `stage_data.<stage>` hold only what differs per stage; setting a
+    key they do not list yet must work as typed (Hydra alone says "not in struct")."""
+    assert open_section_overrides(
+        ["stage_data.diffusion.batch_size=64", "++stage_trainer.diffusion.max_epochs=2", "data.batch_size=8"]
+    ) == ["++stage_data.diffusion.batch_size=64", "++stage_trainer.diffusion.max_epochs=2", "data.batch_size=8"]
+    run = subprocess.run(
+        [sys.executable, "train.py", "stage_data.diffusion.batch_size=64",
+         "stage_trainer.diffusion.gradient_clip_val=0.5", "--cfg", "job"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 0, run.stderr
+    cfg = OmegaConf.create(run.stdout)
+    assert cfg.stage_data.diffusion.batch_size == 64
+    assert cfg.stage_trainer.diffusion == {"max_epochs": 25, "gradient_clip_val": 0.5}
 
 
 @pytest.mark.parametrize(

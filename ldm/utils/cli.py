@@ -39,6 +39,17 @@ def check_group_overrides(argv: list[str], conf_dir: Path) -> None:
                 raise UserError(f"{key}={option!r} is not an option of '{group}'; choose one of: {', '.join(options)}")
 
 
+# Per-stage sections hold only the keys that differ from `trainer` / `data`; any Trainer or data
+# argument may be added there, so their overrides are add-or-set (`++`) without the user typing it.
+OPEN_SECTIONS = ("stage_trainer.", "stage_data.")
+
+
+def open_section_overrides(argv: list[str]) -> list[str]:
+    """`stage_data.diffusion.batch_size=64` -> `++stage_data.diffusion.batch_size=64` (plain
+    Hydra refuses keys that are not yet in the config: "Key 'batch_size' is not in struct")."""
+    return [f"++{arg}" if arg.startswith(OPEN_SECTIONS) and "=" in arg else arg for arg in argv]
+
+
 def exit_on_user_error(err: UserError) -> None:
     """Print the one-line error and exit with status 2."""
     # An error re-raised from a DataLoader worker carries the worker's traceback; its last line is ours.

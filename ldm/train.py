@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # ThroughputMonitor (conf/callbacks) reports images/s; FLOPs (MFU) are measured by bench/ instead.
 warnings.filterwarnings("ignore", message="When using the `ThroughputMonitor`, you need to define a `flops_per_batch`")
+# Stage 2 keeps the frozen autoencoder in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 # Keys of model/diffusion that configure the run, not the LightningModule's constructor.
 DIFFUSION_RUN_KEYS = ("latent_cache",)
@@ -192,13 +194,15 @@ def use_autoencoder_config(cfg: DictConfig, ae_config: dict[str, Any]) -> None:
 
 @rank_zero_only
 def save_final_grid(model: pl.LightningModule, datamodule: pl.LightningDataModule, cfg: DictConfig) -> Path:
-    """Sample one grid from the final (EMA) model: one row per class when conditional."""
+    """Sample one grid from the final (EMA) model: one row per class when conditional, with the
+    validation grid's guidance scale (`model.diffusion.val_guidance_scale`)."""
     num_classes = getattr(datamodule, "num_classes", None)
     generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
     if num_classes:
         per_class = 8
         labels = torch.arange(num_classes, device=model.device).repeat_interleave(per_class)
-        images = model.sample(len(labels), class_labels=labels, generator=generator)
+        images = model.sample(len(labels), class_labels=labels, generator=generator,
+                              guidance_scale=model.hparams.get("val_guidance_scale", 1.0))
         nrow = per_class
     else:
         images = model.sample(64, generator=generator)

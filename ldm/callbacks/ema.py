@@ -6,10 +6,14 @@ import torch
 from torch import Tensor
 
 
-def ema_decay_at(update: int, decay: float, warmup: bool = True) -> float:
+def ema_decay_at(update: Tensor | int, decay: float, warmup: bool = True) -> Tensor | float:
     """The decay of the `update`-th EMA update (1-based): `min(decay, (1 + n) / (10 + n))` with
-    warm-up, as in CompVis' LitEma and diffusers' EMAModel, else `decay`."""
-    return min(decay, (1 + update) / (10 + update)) if warmup else decay
+    warm-up, as in CompVis' LitEma and diffusers' EMAModel, else `decay`. A tensor count gives a
+    float64 tensor on its device: reading it into Python would synchronise a GPU every step."""
+    if not warmup:
+        return decay
+    n = torch.as_tensor(update).double()
+    return torch.clamp((1.0 + n) / (10.0 + n), max=decay)
 
 
 def get_ema_warmup_multi_avg_fn(decay: float = 0.999, warmup: bool = True):
@@ -28,7 +32,7 @@ def get_ema_warmup_multi_avg_fn(decay: float = 0.999, warmup: bool = True):
     @torch.no_grad()
     def ema_update(ema_params: list[Tensor], current_params: list[Tensor], num_averaged: Tensor) -> None:
         # AveragedModel copies the first model and counts it: the n-th call here is update n.
-        weight = 1.0 - ema_decay_at(int(num_averaged), decay, warmup)
+        weight = 1.0 - ema_decay_at(num_averaged, decay, warmup)
         if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):
             torch._foreach_lerp_(ema_params, current_params, weight)
         else:

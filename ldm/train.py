@@ -202,7 +202,7 @@ def save_final_grid(model: pl.LightningModule, datamodule: pl.LightningDataModul
         per_class = 8
         labels = torch.arange(num_classes, device=model.device).repeat_interleave(per_class)
         images = model.sample(len(labels), class_labels=labels, generator=generator,
-                              guidance_scale=model.hparams.get("val_guidance_scale", 1.0))
+                              guidance_scale=model.hparams.val_guidance_scale)
         nrow = per_class
     else:
         images = model.sample(64, generator=generator)

@@ -83,3 +83,16 @@ def test_train_refuses_an_unwritable_run_dir_before_hydra_writes(tmp_path):
     assert run.returncode == 2, run.stderr
     assert run.stderr.startswith(f"error: hydra.run.dir '{tmp_path / 'file'}/logs/train/runs/") and run.stderr.count("\n") == 1
     assert "is not writable (Not a directory)" in run.stderr
+
+
+def test_default_run_dir_is_checked_too(tmp_path):
+    """The default dirs interpolate `${hydra:runtime.cwd}`, which Hydra has not set when the check
+    runs: it must still resolve them and refuse, here with `logs` a file in the launch dir."""
+    (tmp_path / "logs").write_text("x")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "debug=fast"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith(f"error: hydra.run.dir '{tmp_path}/logs/train/runs/") and run.stderr.count("\n") == 1
+    assert "is not writable (Not a directory)" in run.stderr

@@ -224,10 +224,8 @@ class PreemptionCheckpoint(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if signal.SIGTERM in self._previous and signal.getsignal(signal.SIGTERM) != self._handler:
-            try:
-                signal.signal(
-                    signal.SIGTERM, self._handler
-                )  # Lightning restores its own at teardown
+            try:  # Lightning restores its own at teardown
+                signal.signal(signal.SIGTERM, self._handler)
             except ValueError:
                 pass
 

@@ -41,13 +41,25 @@ os.environ.setdefault("WANDB_SILENT", "true")
 def base_parser(description: str) -> argparse.ArgumentParser:
     """Arguments every benchmark takes: --quick, --threads, --seed, --out."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="about a minute on 2 cores: small N, few steps")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: with --clock cpu, CPU time = compute time)")
-    parser.add_argument("--clock", choices=list(CLOCKS), default=None,
-                        help="what seconds mean: cpu = process CPU time (default on CPU), wall (default on CUDA)")
+    parser.add_argument(
+        "--quick", action="store_true", help="about a minute on 2 cores: small N, few steps"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: with --clock cpu, CPU time = compute time)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default=None,
+        help="what seconds mean: cpu = process CPU time (default on CPU), wall (default on CUDA)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON (and plots)")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help="folder for the JSON (and plots)"
+    )
     return parser
 
 
@@ -74,8 +86,13 @@ def cpu_model() -> str:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=True)
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -89,7 +106,9 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
@@ -131,7 +150,12 @@ def clock(name: str) -> Callable[[], float]:
     return CLOCKS[name]
 
 
-def timed(fn: Callable[[], Any], device: str | torch.device = "cpu", repeats: int = 1, clock_name: str = "wall") -> float:
+def timed(
+    fn: Callable[[], Any],
+    device: str | torch.device = "cpu",
+    repeats: int = 1,
+    clock_name: str = "wall",
+) -> float:
     """Seconds per call of `fn` on `clock_name`, averaged over `repeats` back-to-back calls."""
     now = clock(clock_name)
     synchronize(device)
@@ -160,7 +184,9 @@ def median(values: Sequence[float]) -> float:
 def median_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
     """Median over rounds of numerator[i] / denominator[i] (paired by round, so load spikes cancel)."""
     if len(numerator) != len(denominator) or not numerator:
-        raise ValueError(f"need equally many paired times, got {len(numerator)} and {len(denominator)}")
+        raise ValueError(
+            f"need equally many paired times, got {len(numerator)} and {len(denominator)}"
+        )
     return median([a / b for a, b in zip(numerator, denominator, strict=True)])
 
 
@@ -179,9 +205,17 @@ class ModelSteps:
     `channels_last` converts weights and x; `compile` wraps the model in torch.compile.
     """
 
-    def __init__(self, model: torch.nn.Module, call: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,
-                 inputs: dict[str, torch.Tensor], device: str = "cpu", dtype: str = "fp32",
-                 channels_last: bool = False, compile: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        call: Callable[..., torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        inputs: dict[str, torch.Tensor],
+        device: str = "cpu",
+        dtype: str = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
         if dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype={dtype!r} is not one of fp32, bf16")
         self.model, self.call, self.optimizer = model, call, optimizer
@@ -227,7 +261,9 @@ class ModelSteps:
         return fwd.get_total_flops() / len(x), train.get_total_flops() / len(x)
 
 
-def denoiser_inputs(shape: tuple[int, ...], num_classes: int | None, device: str, seed: int) -> dict[str, torch.Tensor]:
+def denoiser_inputs(
+    shape: tuple[int, ...], num_classes: int | None, device: str, seed: int
+) -> dict[str, torch.Tensor]:
     """Seeded x_t (B, C, H, W), t (B,), labels (B,) and eps target (B, C, H, W) on `device`."""
     g = torch.Generator().manual_seed(seed)
     return {
@@ -238,11 +274,15 @@ def denoiser_inputs(shape: tuple[int, ...], num_classes: int | None, device: str
     }
 
 
-def call_ours(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def call_ours(
+    model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     return model(x, t, y)
 
 
-def call_diffusers(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def call_diffusers(
+    model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     return model(x, t, class_labels=y).sample
 
 
@@ -264,7 +304,11 @@ def _rss_worker(fn: Callable[..., Any], args: tuple, queue: Any) -> None:
         baseline, peak_field = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, None
     try:
         result = fn(*args)
-        peak = _status_kib(peak_field) if peak_field else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = (
+            _status_kib(peak_field)
+            if peak_field
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        )
         queue.put(("ok", (peak - baseline) / 1024.0, result))  # KiB -> MiB
     except Exception as err:  # reported to the parent, which raises it
         queue.put(("error", repr(err), None))
@@ -329,7 +373,9 @@ def train_with_project(overrides: Sequence[str], workdir: Path) -> tuple[Any, fl
     return cfg, time.perf_counter() - start
 
 
-def diffusion_preset(name: str, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+def diffusion_preset(
+    name: str, overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(UNet kwargs, optimizer config) of conf/model/diffusion/<name>.yaml as the project resolves
     them for the default data (MNIST-5k, KL f=4: 8x8x4 latents, 10 classes)."""
     import tempfile
@@ -356,7 +402,9 @@ def diffusers_twin(unet_kwargs: dict[str, Any], sample_size: int) -> torch.nn.Mo
     widths = [mc * m for m in mult]
     head_dims = {widths[i] // heads for i in attn} | {widths[-1] // heads}
     if len(head_dims) != 1:
-        raise ValueError(f"attention widths {sorted(head_dims)} per head differ; UNet2DModel has one attention_head_dim")
+        raise ValueError(
+            f"attention widths {sorted(head_dims)} per head differ; UNet2DModel has one attention_head_dim"
+        )
     num_classes = unet_kwargs.get("num_classes")
     return UNet2DModel(
         sample_size=sample_size,
@@ -364,8 +412,12 @@ def diffusers_twin(unet_kwargs: dict[str, Any], sample_size: int) -> torch.nn.Mo
         out_channels=unet_kwargs["out_channels"],
         block_out_channels=tuple(widths),
         layers_per_block=unet_kwargs["num_res_blocks"],
-        down_block_types=tuple("AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(len(mult))),
-        up_block_types=tuple("AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(len(mult)))),
+        down_block_types=tuple(
+            "AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(len(mult))
+        ),
+        up_block_types=tuple(
+            "AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(len(mult)))
+        ),
         attention_head_dim=head_dims.pop(),
         norm_num_groups=unet_kwargs.get("norm_num_groups", 32),
         resnet_time_scale_shift="scale_shift",
@@ -389,7 +441,9 @@ class FIDScorer:
 
         datamodule.setup("fit")
         settings = dict(classifier_settings or {})  # conf/fid/classifier.yaml's `classifier` keys
-        self.extractor, self.classifier = build_extractor("classifier", datamodule, CACHE_DIR, classifier=settings)
+        self.extractor, self.classifier = build_extractor(
+            "classifier", datamodule, CACHE_DIR, classifier=settings
+        )
         self.reals = datamodule.train_dataset
         self.real_cache = real_features_path(CACHE_DIR, datamodule.fingerprint(), self.extractor)
         self.describe = {
@@ -404,11 +458,18 @@ class FIDScorer:
 
         bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
         if bad:  # NaN features crash LAPACK inside the FID's matrix square root
-            raise ValueError(f"{bad} of {len(images)} generated images hold NaN/inf; FID is undefined")
-        scores = compute_metrics(images, self.reals, self.extractor, fake_labels=labels,
-                                 classifier=self.classifier, real_cache=self.real_cache)
+            raise ValueError(
+                f"{bad} of {len(images)} generated images hold NaN/inf; FID is undefined"
+            )
+        scores = compute_metrics(
+            images,
+            self.reals,
+            self.extractor,
+            fake_labels=labels,
+            classifier=self.classifier,
+            real_cache=self.real_cache,
+        )
         return {k: scores[k] for k in ("fid", "kid", "cas", "num_samples") if k in scores}
-
 
     def real_floor(self, datamodule: Any, n: int) -> dict[str, float]:
         """Scores of `n` held-out real images (the val split) as if generated: the best FID reachable
@@ -425,8 +486,14 @@ def even_labels(n: int, num_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_latent_model(model: Any, sampler: Any, labels: torch.Tensor, batch_size: int, seed: int,
-                        clock_name: str = "wall") -> tuple[torch.Tensor, float]:
+def sample_latent_model(
+    model: Any,
+    sampler: Any,
+    labels: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    clock_name: str = "wall",
+) -> tuple[torch.Tensor, float]:
     """Images (N, C, H, W) in [-1, 1] from a LatentDiffusion with `sampler` for `labels` (N,), one
     seeded CPU generator for all batches, and the seconds (on `clock_name`) it took, decoding included."""
     generator = torch.Generator().manual_seed(seed)
@@ -436,7 +503,9 @@ def sample_latent_model(model: Any, sampler: Any, labels: torch.Tensor, batch_si
     start = now()
     for i in range(0, n, batch_size):
         batch = labels[i : i + batch_size].to(model.device)
-        out.append(model.sample(len(batch), class_labels=batch, generator=generator, sampler=sampler).cpu())
+        out.append(
+            model.sample(len(batch), class_labels=batch, generator=generator, sampler=sampler).cpu()
+        )
     synchronize(model.device)
     return torch.cat(out), now() - start
 
@@ -457,7 +526,9 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join(lines)
 
 
-def write_results(script: str, quick: bool, payload: dict[str, Any], out_dir: Path = RESULTS_DIR) -> Path:
+def write_results(
+    script: str, quick: bool, payload: dict[str, Any], out_dir: Path = RESULTS_DIR
+) -> Path:
     """Write `<out_dir>/<script>[_quick].json` (machine info gets the load average at the end)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = payload.get("machine")
@@ -466,6 +537,9 @@ def write_results(script: str, quick: bool, payload: dict[str, Any], out_dir: Pa
         machine["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     path = out_dir / f"{script}{'_quick' if quick else ''}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"script": script, "mode": "quick" if quick else "full", **payload}, indent=2) + "\n")
+    tmp.write_text(
+        json.dumps({"script": script, "mode": "quick" if quick else "full", **payload}, indent=2)
+        + "\n"
+    )
     os.replace(tmp, path)
     return path

@@ -54,9 +54,17 @@ def one_epoch(model: pl.LightningModule, datamodule: Any, args: Any) -> float:
     """Seconds of one training epoch of a fresh copy of `model` on `datamodule`."""
     timer = EpochTimer(args.clock)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=args.limit_batches,
-        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=args.limit_batches,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
     )
     pl.seed_everything(args.seed, verbose=False)
     trainer.fit(copy.deepcopy(model), datamodule=datamodule)
@@ -65,9 +73,15 @@ def one_epoch(model: pl.LightningModule, datamodule: Any, args: Any) -> float:
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--autoencoder-ckpt", default=None, help="stage-1 checkpoint (default: fresh KL autoencoder)")
+    parser.add_argument(
+        "--autoencoder-ckpt",
+        default=None,
+        help="stage-1 checkpoint (default: fresh KL autoencoder)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="epochs per variant")
-    parser.add_argument("--limit-batches", type=int, default=None, help="batches per epoch (default: all)")
+    parser.add_argument(
+        "--limit-batches", type=int, default=None, help="batches per epoch (default: all)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
     setup_run(args)
@@ -81,8 +95,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        cfg = compose_project_config(["model/diffusion=small", f"data.batch_size={args.batch_size}",
-                                      f"seed={args.seed}"], workdir)
+        cfg = compose_project_config(
+            ["model/diffusion=small", f"data.batch_size={args.batch_size}", f"seed={args.seed}"],
+            workdir,
+        )
         if args.autoencoder_ckpt:
             ae_ckpt = Path(args.autoencoder_ckpt)
             autoencoder, ae_config = load_autoencoder(ae_ckpt)
@@ -90,12 +106,16 @@ def main() -> None:
         else:
             torch.manual_seed(args.seed)
             autoencoder = instantiate(cfg.model.autoencoder).eval().requires_grad_(False)
-            ae_ckpt = workdir / "autoencoder_weights.pt"  # only names the cache (its sha256 is the key)
+            ae_ckpt = (
+                workdir / "autoencoder_weights.pt"
+            )  # only names the cache (its sha256 is the key)
             torch.save(autoencoder.state_dict(), ae_ckpt)
         diffusion_cfg = OmegaConf.to_container(cfg.model.diffusion, resolve=True)
         torch.manual_seed(args.seed)
-        model = instantiate({k: v for k, v in diffusion_cfg.items() if k not in DIFFUSION_RUN_KEYS},
-                            autoencoder=autoencoder)
+        model = instantiate(
+            {k: v for k, v in diffusion_cfg.items() if k not in DIFFUSION_RUN_KEYS},
+            autoencoder=autoencoder,
+        )
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")
 
@@ -104,37 +124,67 @@ def main() -> None:
         cached = latent_cache_datamodule(autoencoder, ae_ckpt, datamodule, workdir / "latents")
         build_s = now() - start
         cached.setup("fit")
-        print(f"cache built in {build_s:.2f} s ({args.clock}) for {len(cached.full_dataset)} images", flush=True)
+        print(
+            f"cache built in {build_s:.2f} s ({args.clock}) for {len(cached.full_dataset)} images",
+            flush=True,
+        )
 
         batches = len(datamodule.train_dataloader())
         batches = min(batches, args.limit_batches) if args.limit_batches else batches
-        times = alternate({"on the fly": lambda: one_epoch(model, datamodule, args),
-                           "latent cache": lambda: one_epoch(model, cached, args)}, args.rounds)
+        times = alternate(
+            {
+                "on the fly": lambda: one_epoch(model, datamodule, args),
+                "latent cache": lambda: one_epoch(model, cached, args),
+            },
+            args.rounds,
+        )
 
     fly, cache = median(times["on the fly"]), median(times["latent cache"])
     rows = [
-        {"variant": name, "epoch_s": median(t), "epoch_s_spread": spread(t), "batches": batches,
-         "img_s": batches * args.batch_size / median(t)}
+        {
+            "variant": name,
+            "epoch_s": median(t),
+            "epoch_s_spread": spread(t),
+            "batches": batches,
+            "img_s": batches * args.batch_size / median(t),
+        }
         for name, t in times.items()
     ]
     speedup = median_ratio(times["on the fly"], times["latent cache"])
     saving = fly - cache
-    summary = {"speedup": speedup, "cache_build_s": build_s,
-               "break_even_epochs": build_s / saving if saving > 0 else None}
-    table = format_table(rows, [("variant", "stage-2 data"), ("batches", "batches/epoch"),
-                                ("epoch_s", f"epoch s ({args.clock})"), ("img_s", f"img/s ({args.clock})")])
+    summary = {
+        "speedup": speedup,
+        "cache_build_s": build_s,
+        "break_even_epochs": build_s / saving if saving > 0 else None,
+    }
+    table = format_table(
+        rows,
+        [
+            ("variant", "stage-2 data"),
+            ("batches", "batches/epoch"),
+            ("epoch_s", f"epoch s ({args.clock})"),
+            ("img_s", f"img/s ({args.clock})"),
+        ],
+    )
     print(table)
     print(summary)
-    path = write_results("latent_cache", args.quick, {
-        "machine": machine,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "model": "conf/model/diffusion/small.yaml + conf/model/autoencoder/kl.yaml"
-                 + (f" ({args.autoencoder_ckpt})" if args.autoencoder_ckpt else " (freshly initialised)"),
-        "rows": rows,
-        "epoch_s_rounds": times,
-        "summary": summary,
-        "table": table,
-    }, args.out)
+    path = write_results(
+        "latent_cache",
+        args.quick,
+        {
+            "machine": machine,
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "model": "conf/model/diffusion/small.yaml + conf/model/autoencoder/kl.yaml"
+            + (
+                f" ({args.autoencoder_ckpt})" if args.autoencoder_ckpt else " (freshly initialised)"
+            ),
+            "rows": rows,
+            "epoch_s_rounds": times,
+            "summary": summary,
+            "table": table,
+        },
+        args.out,
+    )
     print(f"wrote {path}")
 
 

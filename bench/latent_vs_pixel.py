@@ -73,8 +73,13 @@ CKPT_DIR = ROOT / ".cache" / "bench"
 def pixel_unet_kwargs(latent_kwargs: dict[str, Any], image_channels: int) -> dict[str, Any]:
     """The latent preset with pixel channels, one more level and attention at its lowest level."""
     mult = list(latent_kwargs["channel_mult"])
-    return {**latent_kwargs, "in_channels": image_channels, "out_channels": image_channels,
-            "channel_mult": [*mult, mult[-1]], "attention_levels": [len(mult)]}
+    return {
+        **latent_kwargs,
+        "in_channels": image_channels,
+        "out_channels": image_channels,
+        "channel_mult": [*mult, mult[-1]],
+        "attention_levels": [len(mult)],
+    }
 
 
 # ---------------------------------------------------------------------------- stage 1
@@ -82,19 +87,35 @@ def get_autoencoder(args: Any, workdir: Path) -> tuple[Path, float | None]:
     """(stage-1 checkpoint, seconds spent training it here or None if given)."""
     if args.autoencoder_ckpt:
         return Path(args.autoencoder_ckpt), None
-    overrides = ["stage=autoencoder", "logger=csv", "callbacks.common.progress_bar=null",
-                 "trainer.enable_progress_bar=false", f"data.batch_size={args.batch_size}",
-                 f"stage_trainer.autoencoder.max_epochs={args.ae_epochs}", f"seed={args.seed}"]
+    overrides = [
+        "stage=autoencoder",
+        "logger=csv",
+        "callbacks.common.progress_bar=null",
+        "trainer.enable_progress_bar=false",
+        f"data.batch_size={args.batch_size}",
+        f"stage_trainer.autoencoder.max_epochs={args.ae_epochs}",
+        f"seed={args.seed}",
+    ]
     if args.quick:  # a small stage 1 on part of an epoch: enough to verify the pipeline
-        overrides += ["+trainer.limit_train_batches=20", "+trainer.limit_val_batches=4",
-                      "model.autoencoder.encoder.ch=8", "model.autoencoder.encoder.mid_attention=false"]
+        overrides += [
+            "+trainer.limit_train_batches=20",
+            "+trainer.limit_val_batches=4",
+            "model.autoencoder.encoder.ch=8",
+            "model.autoencoder.encoder.mid_attention=false",
+        ]
     cfg, seconds = train_with_project(overrides, workdir / "stage1")
     return newest_checkpoint(Path(cfg.paths.output_dir), "autoencoder"), seconds
 
 
 # ---------------------------------------------------------------------------- part A
-def throughput(autoencoder: torch.nn.Module, latent_kwargs: dict[str, Any], optimizer_cfg: dict[str, Any],
-               image_shape: tuple[int, int, int], latent_shape: tuple[int, int, int], args: Any) -> dict[str, Any]:
+def throughput(
+    autoencoder: torch.nn.Module,
+    latent_kwargs: dict[str, Any],
+    optimizer_cfg: dict[str, Any],
+    image_shape: tuple[int, int, int],
+    latent_shape: tuple[int, int, int],
+    args: Any,
+) -> dict[str, Any]:
     from ldm.models.latent_diffusion import encode_latents
 
     b = args.batch_size
@@ -105,18 +126,35 @@ def throughput(autoencoder: torch.nn.Module, latent_kwargs: dict[str, Any], opti
         torch.manual_seed(args.seed)
         model = UNet(**kwargs[name])
         inputs = denoiser_inputs(shapes[name], kwargs[name]["num_classes"], "cpu", args.seed)
-        steps[name] = ModelSteps(model, call_ours, instantiate(optimizer_cfg)(model.parameters()), inputs)
+        steps[name] = ModelSteps(
+            model, call_ours, instantiate(optimizer_cfg)(model.parameters()), inputs
+        )
     images = torch.rand(b, *image_shape) * 2 - 1  # (B, C, H, W)
     latents = encode_latents(autoencoder, images)  # (B, c, h, w)
-    extra = {"encode": lambda: encode_latents(autoencoder, images),
-             "decode": lambda: autoencoder.decode(latents / autoencoder.scale_factor)}
+    extra = {
+        "encode": lambda: encode_latents(autoencoder, images),
+        "decode": lambda: autoencoder.decode(latents / autoencoder.scale_factor),
+    }
     for s in steps.values():
         s.train_step()
         s.sample_step()
-    train = alternate({n: (lambda s=s: timed(s.train_step, "cpu", 1, args.clock)) for n, s in steps.items()}, args.rounds)
-    fwd = alternate({**{n: (lambda s=s: timed(s.sample_step, "cpu", 1, args.clock)) for n, s in steps.items()},
-                     **{n: (lambda f=f: timed(torch.no_grad()(f), "cpu", 1, args.clock)) for n, f in extra.items()}},
-                    args.rounds)
+    train = alternate(
+        {n: (lambda s=s: timed(s.train_step, "cpu", 1, args.clock)) for n, s in steps.items()},
+        args.rounds,
+    )
+    fwd = alternate(
+        {
+            **{
+                n: (lambda s=s: timed(s.sample_step, "cpu", 1, args.clock))
+                for n, s in steps.items()
+            },
+            **{
+                n: (lambda f=f: timed(torch.no_grad()(f), "cpu", 1, args.clock))
+                for n, f in extra.items()
+            },
+        },
+        args.rounds,
+    )
     t_enc, t_dec, steps_s = median(fwd["encode"]), median(fwd["decode"]), args.sample_steps
     rows = []
     for name in ("latent", "pixel"):
@@ -124,7 +162,7 @@ def throughput(autoencoder: torch.nn.Module, latent_kwargs: dict[str, Any], opti
         row = {
             "model": name,
             "unet": f"ch {kwargs[name]['model_channels']} mult {kwargs[name]['channel_mult']} "
-                    f"attn {kwargs[name]['attention_levels']} on {shapes[name][1:]}",
+            f"attn {kwargs[name]['attention_levels']} on {shapes[name][1:]}",
             "params": num_params(steps[name].model),
             "fwd_gflops_per_image": steps[name].flops_per_image()[0] / 1e9,
             "train_img_s": b / t_train,
@@ -137,12 +175,20 @@ def throughput(autoencoder: torch.nn.Module, latent_kwargs: dict[str, Any], opti
         rows.append(row)
     ratios = {
         "train_latent_over_pixel": median_ratio(train["pixel"], train["latent"]),
-        "train_with_encode_latent_over_pixel": (median(train["pixel"])) / (median(train["latent"]) + t_enc),
+        "train_with_encode_latent_over_pixel": (median(train["pixel"]))
+        / (median(train["latent"]) + t_enc),
         "forward_latent_over_pixel": median_ratio(fwd["pixel"], fwd["latent"]),
-        "sample_latent_over_pixel": (steps_s * median(fwd["pixel"])) / (steps_s * median(fwd["latent"]) + t_dec),
+        "sample_latent_over_pixel": (steps_s * median(fwd["pixel"]))
+        / (steps_s * median(fwd["latent"]) + t_dec),
     }
-    return {"rows": rows, "ratios": ratios, "encode_s": t_enc, "decode_s": t_dec, "batch": b,
-            "sample_steps": steps_s}
+    return {
+        "rows": rows,
+        "ratios": ratios,
+        "encode_s": t_enc,
+        "decode_s": t_dec,
+        "batch": b,
+        "sample_steps": steps_s,
+    }
 
 
 # ---------------------------------------------------------------------------- part B
@@ -159,7 +205,9 @@ class BudgetStop(pl.Callback):
             trainer.should_stop = True
 
 
-def train_latent(cfg: Any, ae_ckpt: Path, datamodule: Any, args: Any, workdir: Path) -> tuple[Any, dict[str, Any]]:
+def train_latent(
+    cfg: Any, ae_ckpt: Path, datamodule: Any, args: Any, workdir: Path
+) -> tuple[Any, dict[str, Any]]:
     """LatentDiffusion from the project config, trained for the budget from the latent cache."""
     from ldm.callbacks.checkpoint_config import StoreConfigInCheckpoint
     from ldm.data.latent_cache import latent_cache_datamodule
@@ -170,7 +218,10 @@ def train_latent(cfg: Any, ae_ckpt: Path, datamodule: Any, args: Any, workdir: P
     use_autoencoder_config(cfg, ae_config)
     diffusion_cfg = OmegaConf.to_container(cfg.model.diffusion, resolve=True)
     torch.manual_seed(args.seed)
-    model = instantiate({k: v for k, v in diffusion_cfg.items() if k not in DIFFUSION_RUN_KEYS}, autoencoder=autoencoder)
+    model = instantiate(
+        {k: v for k, v in diffusion_cfg.items() if k not in DIFFUSION_RUN_KEYS},
+        autoencoder=autoencoder,
+    )
     now = clock(args.clock)
     start = now()
     data = latent_cache_datamodule(autoencoder, ae_ckpt, datamodule, workdir / "latents")
@@ -178,9 +229,17 @@ def train_latent(cfg: Any, ae_ckpt: Path, datamodule: Any, args: Any, workdir: P
     budget = BudgetStop(args.budget, args.clock, start)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=[budget, StoreConfigInCheckpoint("diffusion", resolved)], default_root_dir=str(workdir),
+        accelerator="cpu",
+        devices=1,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[budget, StoreConfigInCheckpoint("diffusion", resolved)],
+        default_root_dir=str(workdir),
     )
     pl.seed_everything(args.seed, workers=True, verbose=False)
     trainer.fit(model, datamodule=data)
@@ -188,12 +247,18 @@ def train_latent(cfg: Any, ae_ckpt: Path, datamodule: Any, args: Any, workdir: P
     if args.save_ckpt:
         args.save_ckpt.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(args.save_ckpt)
-    return model.eval(), {"train_s": used, "latent_cache_s": cache_s, "steps": budget.steps,
-                          "images_seen": budget.steps * args.batch_size, "params": num_params(model.unet)}
+    return model.eval(), {
+        "train_s": used,
+        "latent_cache_s": cache_s,
+        "steps": budget.steps,
+        "images_seen": budget.steps * args.batch_size,
+        "params": num_params(model.unet),
+    }
 
 
-def train_pixel_diffusers(unet_kwargs: dict[str, Any], lr: float, warmup: int, datamodule: Any,
-                          args: Any) -> tuple[Any, Any, dict[str, Any]]:
+def train_pixel_diffusers(
+    unet_kwargs: dict[str, Any], lr: float, warmup: int, datamodule: Any, args: Any
+) -> tuple[Any, Any, dict[str, Any]]:
     """Pixel-space DDPM the diffusers way (examples/unconditional_image_generation loop)."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -201,8 +266,12 @@ def train_pixel_diffusers(unet_kwargs: dict[str, Any], lr: float, warmup: int, d
     torch.manual_seed(args.seed)
     model = diffusers_twin(unet_kwargs, datamodule.image_size)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=warmup)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8
+    )
+    lr_scheduler = get_scheduler(
+        "constant_with_warmup", optimizer=optimizer, num_warmup_steps=warmup
+    )
     loader = datamodule.train_dataloader()
     now = clock(args.clock)
     start, steps = now(), 0
@@ -211,7 +280,9 @@ def train_pixel_diffusers(unet_kwargs: dict[str, Any], lr: float, warmup: int, d
         for batch in loader:
             clean = batch["image"]  # (B, C, H, W) in [-1, 1]
             noise = torch.randn(clean.shape)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],)).long()
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],)
+            ).long()
             noisy = noise_scheduler.add_noise(clean, noise, timesteps)  # (B, C, H, W)
             noise_pred = model(noisy, timesteps, class_labels=batch["label"]).sample
             loss = F.mse_loss(noise_pred, noise)
@@ -222,13 +293,26 @@ def train_pixel_diffusers(unet_kwargs: dict[str, Any], lr: float, warmup: int, d
             steps += 1
             if now() - start >= args.budget:
                 break
-    return model.eval(), noise_scheduler, {"train_s": now() - start, "steps": steps,
-                                          "images_seen": steps * args.batch_size, "params": num_params(model)}
+    return (
+        model.eval(),
+        noise_scheduler,
+        {
+            "train_s": now() - start,
+            "steps": steps,
+            "images_seen": steps * args.batch_size,
+            "params": num_params(model),
+        },
+    )
 
 
 @torch.no_grad()
-def sample_pixel_diffusers(model: Any, noise_scheduler: Any, labels: torch.Tensor, args: Any,
-                           image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, float]:
+def sample_pixel_diffusers(
+    model: Any,
+    noise_scheduler: Any,
+    labels: torch.Tensor,
+    args: Any,
+    image_shape: tuple[int, int, int],
+) -> tuple[torch.Tensor, float]:
     """DDIM (diffusers' DDIMScheduler from the training scheduler's config), S steps, batched;
     returns images (N, C, H, W) in [-1, 1] and the seconds (on --clock) it took."""
     from diffusers import DDIMScheduler
@@ -251,16 +335,28 @@ def sample_pixel_diffusers(model: Any, noise_scheduler: Any, labels: torch.Tenso
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--autoencoder-ckpt", default=None, help="stage-1 checkpoint (default: train one here)")
-    parser.add_argument("--ae-epochs", type=int, default=None, help="stage-1 epochs when trained here")
+    parser.add_argument(
+        "--autoencoder-ckpt", default=None, help="stage-1 checkpoint (default: train one here)"
+    )
+    parser.add_argument(
+        "--ae-epochs", type=int, default=None, help="stage-1 epochs when trained here"
+    )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--budget", type=float, default=None, help="training seconds per model (on --clock)")
-    parser.add_argument("--num-samples", type=int, default=None, help="N generated per model for FID")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="training seconds per model (on --clock)"
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=None, help="N generated per model for FID"
+    )
     parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps for both")
     parser.add_argument("--sample-batch", type=int, default=250)
-    parser.add_argument("--save-ckpt", type=Path, default=None,
-                        help="write the latent model's checkpoint here (default .cache/bench/latent_vs_pixel[_quick].ckpt)")
+    parser.add_argument(
+        "--save-ckpt",
+        type=Path,
+        default=None,
+        help="write the latent model's checkpoint here (default .cache/bench/latent_vs_pixel[_quick].ckpt)",
+    )
     parser.add_argument("--skip-fid", action="store_true", help="part A only")
     args = parser.parse_args()
     setup_run(args)
@@ -279,20 +375,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         ae_ckpt, ae_seconds = get_autoencoder(args, workdir)
-        print(f"stage 1: {ae_ckpt} ({'given' if ae_seconds is None else f'trained here in {ae_seconds:.0f} s wall'})")
+        print(
+            f"stage 1: {ae_ckpt} ({'given' if ae_seconds is None else f'trained here in {ae_seconds:.0f} s wall'})"
+        )
         autoencoder, _ = load_autoencoder(ae_ckpt)
-        cfg = compose_project_config(["model/diffusion=small", "sampler=ddim", f"sampler.steps={args.sample_steps}",
-                                      f"data.batch_size={args.batch_size}", f"seed={args.seed}"], workdir / "stage2")
+        cfg = compose_project_config(
+            [
+                "model/diffusion=small",
+                "sampler=ddim",
+                f"sampler.steps={args.sample_steps}",
+                f"data.batch_size={args.batch_size}",
+                f"seed={args.seed}",
+            ],
+            workdir / "stage2",
+        )
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")
         image_shape = (datamodule.num_channels, datamodule.image_size, datamodule.image_size)
         size = datamodule.image_size // autoencoder.downsample_factor
         latent_shape = (autoencoder.latent_channels, size, size)
-        latent_kwargs = {**OmegaConf.to_container(cfg.model.diffusion.unet, resolve=True),
-                         "in_channels": autoencoder.latent_channels, "out_channels": autoencoder.latent_channels}
+        latent_kwargs = {
+            **OmegaConf.to_container(cfg.model.diffusion.unet, resolve=True),
+            "in_channels": autoencoder.latent_channels,
+            "out_channels": autoencoder.latent_channels,
+        }
         latent_kwargs.pop("_target_")
         optimizer_cfg = OmegaConf.to_container(cfg.model.diffusion.optimizer, resolve=True)
-        part_a = throughput(autoencoder, latent_kwargs, optimizer_cfg, image_shape, latent_shape, args)
+        part_a = throughput(
+            autoencoder, latent_kwargs, optimizer_cfg, image_shape, latent_shape, args
+        )
         print(format_table(part_a["rows"], a_columns(args.clock)))
         print({k: round(v, 2) for k, v in part_a["ratios"].items()})
 
@@ -301,23 +412,43 @@ def main() -> None:
             classifier = OmegaConf.to_container(cfg.fid.classifier, resolve=True)
             scorer = FIDScorer(datamodule, {**classifier, "epochs": 1} if q else classifier)
             labels = even_labels(args.num_samples, datamodule.num_classes)
-            latent_model, latent_info = train_latent(cfg, ae_ckpt, datamodule, args, workdir / "stage2")
+            latent_model, latent_info = train_latent(
+                cfg, ae_ckpt, datamodule, args, workdir / "stage2"
+            )
             print(f"latent: {latent_info}", flush=True)
             sampler = latent_model.build_sampler(steps=args.sample_steps)
-            images, seconds = sample_latent_model(latent_model, sampler, labels, args.sample_batch, args.seed,
-                                                  args.clock)
+            images, seconds = sample_latent_model(
+                latent_model, sampler, labels, args.sample_batch, args.seed, args.clock
+            )
             latent_info.update(sample_s=seconds, **scorer(images, labels))
-            warmup = cfg.model.diffusion.lr_scheduler.total_iters if cfg.model.diffusion.lr_scheduler else 0
+            warmup = (
+                cfg.model.diffusion.lr_scheduler.total_iters
+                if cfg.model.diffusion.lr_scheduler
+                else 0
+            )
             pixel_model, noise_scheduler, pixel_info = train_pixel_diffusers(
-                pixel_unet_kwargs(latent_kwargs, image_shape[0]), optimizer_cfg["lr"], warmup, datamodule, args)
+                pixel_unet_kwargs(latent_kwargs, image_shape[0]),
+                optimizer_cfg["lr"],
+                warmup,
+                datamodule,
+                args,
+            )
             print(f"pixel: {pixel_info}", flush=True)
-            images, seconds = sample_pixel_diffusers(pixel_model, noise_scheduler, labels, args, image_shape)
+            images, seconds = sample_pixel_diffusers(
+                pixel_model, noise_scheduler, labels, args, image_shape
+            )
             pixel_info.update(sample_s=seconds, **scorer(images, labels))
-            rows = [{"model": "latent (ours, LatentDiffusion)", **latent_info},
-                    {"model": "pixel (diffusers UNet2DModel + DDPMScheduler)", **pixel_info}]
-            part_b = {"rows": rows, "fid_latent_over_pixel": latent_info["fid"] / pixel_info["fid"],
-                      "real_floor": scorer.real_floor(datamodule, args.num_samples),
-                      "fid": scorer.describe, "sampler": f"DDIM {args.sample_steps} steps, labels i mod 10, no guidance"}
+            rows = [
+                {"model": "latent (ours, LatentDiffusion)", **latent_info},
+                {"model": "pixel (diffusers UNet2DModel + DDPMScheduler)", **pixel_info},
+            ]
+            part_b = {
+                "rows": rows,
+                "fid_latent_over_pixel": latent_info["fid"] / pixel_info["fid"],
+                "real_floor": scorer.real_floor(datamodule, args.num_samples),
+                "fid": scorer.describe,
+                "sampler": f"DDIM {args.sample_steps} steps, labels i mod 10, no guidance",
+            }
             print(format_table(rows, b_columns(args.clock)))
 
     payload = {
@@ -327,23 +458,41 @@ def main() -> None:
         "throughput": part_a,
         "equal_budget": part_b,
         "table_throughput": format_table(part_a["rows"], a_columns(args.clock)),
-        "table_equal_budget": format_table(part_b["rows"], b_columns(args.clock)) if part_b else None,
+        "table_equal_budget": format_table(part_b["rows"], b_columns(args.clock))
+        if part_b
+        else None,
     }
     print(f"wrote {write_results('latent_vs_pixel', q, payload, args.out)}")
 
 
 def a_columns(clock_name: str) -> list[tuple[str, str]]:
     unit = "img/s" if clock_name == "wall" else "img/CPU-s"
-    return [("model", "model"), ("unet", "UNet"), ("params", "params"), ("fwd_gflops_per_image", "fwd GFLOP/img"),
-            ("train_img_s", f"train {unit}"), ("train_img_s_with_encode", f"train {unit} incl. encode"),
-            ("forward_img_s", f"forward {unit}"), ("sample_img_s", f"sample {unit}")]
+    return [
+        ("model", "model"),
+        ("unet", "UNet"),
+        ("params", "params"),
+        ("fwd_gflops_per_image", "fwd GFLOP/img"),
+        ("train_img_s", f"train {unit}"),
+        ("train_img_s_with_encode", f"train {unit} incl. encode"),
+        ("forward_img_s", f"forward {unit}"),
+        ("sample_img_s", f"sample {unit}"),
+    ]
 
 
 def b_columns(clock_name: str) -> list[tuple[str, str]]:
     unit = "s" if clock_name == "wall" else "CPU-s"
-    return [("model", "model"), ("params", "params"), ("train_s", f"train {unit}"), ("steps", "steps"),
-            ("images_seen", "images seen"), ("sample_s", f"sample {unit}"), ("num_samples", "N"),
-            ("fid", "FID"), ("kid", "KID"), ("cas", "CAS")]
+    return [
+        ("model", "model"),
+        ("params", "params"),
+        ("train_s", f"train {unit}"),
+        ("steps", "steps"),
+        ("images_seen", "images seen"),
+        ("sample_s", f"sample {unit}"),
+        ("num_samples", "N"),
+        ("fid", "FID"),
+        ("kid", "KID"),
+        ("cas", "CAS"),
+    ]
 
 
 if __name__ == "__main__":

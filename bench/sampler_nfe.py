@@ -50,14 +50,27 @@ def train_checkpoint(args: Any, workdir: Path) -> tuple[Path, float | None]:
             pass
     if run_dir.is_dir():
         shutil.rmtree(run_dir)
-    overrides = ["logger=csv", "fid.every_n_epochs=0", "callbacks.common.progress_bar=null",
-                 "trainer.enable_progress_bar=false", f"seed={args.seed}"]
+    overrides = [
+        "logger=csv",
+        "fid.every_n_epochs=0",
+        "callbacks.common.progress_bar=null",
+        "trainer.enable_progress_bar=false",
+        f"seed={args.seed}",
+    ]
     if args.quick:
-        overrides += ["debug=fast", "schedule.num_timesteps=1000", "schedule.beta_end=0.02", "trainer.limit_train_batches=30",
-                      "stage_trainer.diffusion.max_epochs=2"]
+        overrides += [
+            "debug=fast",
+            "schedule.num_timesteps=1000",
+            "schedule.beta_end=0.02",
+            "trainer.limit_train_batches=30",
+            "stage_trainer.diffusion.max_epochs=2",
+        ]
     else:  # EMA off: with decay 0.999 a few hundred steps would average mostly the first ones
-        overrides += ["stage_trainer.autoencoder.max_epochs=2", "stage_trainer.diffusion.max_epochs=8",
-                      "callbacks.diffusion.ema=null"]
+        overrides += [
+            "stage_trainer.autoencoder.max_epochs=2",
+            "stage_trainer.diffusion.max_epochs=8",
+            "callbacks.diffusion.ema=null",
+        ]
     cfg, seconds = train_with_project(overrides, workdir)
     return newest_checkpoint(Path(cfg.paths.output_dir), "diffusion"), seconds
 
@@ -71,10 +84,19 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, (ax_fid, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
     for name in LABELS:
         pts = [r for r in rows if r["sampler"] == name]
-        style = {"marker": "o"} if len(pts) > 1 else {"marker": "*", "markersize": 12, "linestyle": "none"}
+        style = (
+            {"marker": "o"}
+            if len(pts) > 1
+            else {"marker": "*", "markersize": 12, "linestyle": "none"}
+        )
         ax_fid.plot([r["nfe"] for r in pts], [r["fid"] for r in pts], label=LABELS[name], **style)
-        ax_time.plot([r["nfe"] for r in pts], [r["seconds_cpu"] for r in pts], label=LABELS[name], **style)
-    for ax, ylabel in ((ax_fid, "FID (classifier features)"), (ax_time, "CPU seconds for N images")):
+        ax_time.plot(
+            [r["nfe"] for r in pts], [r["seconds_cpu"] for r in pts], label=LABELS[name], **style
+        )
+    for ax, ylabel in (
+        (ax_fid, "FID (classifier features)"),
+        (ax_time, "CPU seconds for N images"),
+    ):
         ax.set_xscale("log")
         ax.set_xlabel("NFE (model evaluations per sample)")
         ax.set_ylabel(ylabel)
@@ -89,11 +111,17 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", type=Path, default=None, help="stage-2 checkpoint (default: train one here)")
+    parser.add_argument(
+        "--ckpt", type=Path, default=None, help="stage-2 checkpoint (default: train one here)"
+    )
     parser.add_argument("--num-samples", type=int, default=None, help="N images per setting")
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--retrain", action="store_true", help="train the checkpoint anew (no --ckpt)")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw training weights of an EMA checkpoint")
+    parser.add_argument(
+        "--retrain", action="store_true", help="train the checkpoint anew (no --ckpt)"
+    )
+    parser.add_argument(
+        "--no-ema", action="store_true", help="use the raw training weights of an EMA checkpoint"
+    )
     args = parser.parse_args()
     setup_run(args)
     args.num_samples = args.num_samples or (60 if args.quick else 500)
@@ -106,8 +134,12 @@ def main() -> None:
     train_s = None
     ckpt = args.ckpt
     if ckpt is None:
-        ckpt, train_s = train_checkpoint(args, CKPT_DIR / f"sampler_nfe{'_quick' if args.quick else ''}")
-        print(f"checkpoint {ckpt} ({'reused' if train_s is None else f'trained in {train_s:.0f} s wall'})")
+        ckpt, train_s = train_checkpoint(
+            args, CKPT_DIR / f"sampler_nfe{'_quick' if args.quick else ''}"
+        )
+        print(
+            f"checkpoint {ckpt} ({'reused' if train_s is None else f'trained in {train_s:.0f} s wall'})"
+        )
     model, payload = load_latent_diffusion(ckpt, use_ema=not args.no_ema)
     config = payload["ldm"]["config"]
     datamodule = safe_instantiate(config["data"], where=f"checkpoint {str(ckpt)!r} (data)")
@@ -115,56 +147,99 @@ def main() -> None:
     scorer = FIDScorer(datamodule, {**classifier, "epochs": 1} if args.quick else classifier)
     labels = even_labels(args.num_samples, datamodule.num_classes) if model.num_classes else None
     if labels is None:
-        raise SystemExit("sampler_nfe compares class-balanced samples; the checkpoint is unconditional")
+        raise SystemExit(
+            "sampler_nfe compares class-balanced samples; the checkpoint is unconditional"
+        )
     floor = scorer.real_floor(datamodule, args.num_samples)
     print(f"real floor (N={args.num_samples} val images): FID {floor['fid']:.2f}")
     rows = []
     for name, nfe in SWEEP:
         if nfe > model.schedule.num_timesteps:
-            print(f"skip {name} at NFE {nfe}: the schedule has {model.schedule.num_timesteps} steps")
+            print(
+                f"skip {name} at NFE {nfe}: the schedule has {model.schedule.num_timesteps} steps"
+            )
             continue
         sampler = build_sampler(name, model.schedule, steps=nfe)
         wall = time.perf_counter()
-        images, cpu_s = sample_latent_model(model, sampler, labels, args.batch_size, args.seed, "cpu")
+        images, cpu_s = sample_latent_model(
+            model, sampler, labels, args.batch_size, args.seed, "cpu"
+        )
         wall = time.perf_counter() - wall
         scores = scorer(images, labels)
-        rows.append({"sampler": name, "steps": sampler.steps, "nfe": sampler.nfe, **scores,
-                     "seconds_cpu": cpu_s, "seconds_wall": wall, "img_per_cpu_s": len(labels) / cpu_s})
-        print(f"{name:10s} NFE {nfe:5d}: FID {scores['fid']:.2f}  {cpu_s:.1f} CPU-s  {wall:.1f} s wall", flush=True)
+        rows.append(
+            {
+                "sampler": name,
+                "steps": sampler.steps,
+                "nfe": sampler.nfe,
+                **scores,
+                "seconds_cpu": cpu_s,
+                "seconds_wall": wall,
+                "img_per_cpu_s": len(labels) / cpu_s,
+            }
+        )
+        print(
+            f"{name:10s} NFE {nfe:5d}: FID {scores['fid']:.2f}  {cpu_s:.1f} CPU-s  {wall:.1f} s wall",
+            flush=True,
+        )
 
     by = {(r["sampler"], r["nfe"]): r for r in rows}
     summary = {}
     if ("dpm_solver", 20) in by and ("ddpm", 1000) in by:
         dpm, ddpm = by[("dpm_solver", 20)], by[("ddpm", 1000)]
-        summary = {"dpm_solver_20_fid": dpm["fid"], "ddpm_1000_fid": ddpm["fid"],
-                   "fid_ratio_dpm20_over_ddpm1000": dpm["fid"] / ddpm["fid"],
-                   "speedup_dpm20_over_ddpm1000_cpu": ddpm["seconds_cpu"] / dpm["seconds_cpu"]}
+        summary = {
+            "dpm_solver_20_fid": dpm["fid"],
+            "ddpm_1000_fid": ddpm["fid"],
+            "fid_ratio_dpm20_over_ddpm1000": dpm["fid"] / ddpm["fid"],
+            "speedup_dpm20_over_ddpm1000_cpu": ddpm["seconds_cpu"] / dpm["seconds_cpu"],
+        }
     table = format_table(rows, COLUMNS)
     print(table)
     print(summary)
     stem = f"sampler_nfe{'_quick' if args.quick else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / f"{stem}.png"
-    plot(rows, png, f"{ckpt.name if args.ckpt else 'checkpoint trained here'}: N={args.num_samples}"
-                    f"{' (quick)' if args.quick else ''}")
-    result = write_results("sampler_nfe", args.quick, {
-        "machine": machine,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "checkpoint": {"path": str(ckpt), "trained_here_s_wall": train_s,
-                       "unet": config["model"]["diffusion"]["unet"],
-                       "schedule": config["schedule"], "ema": not args.no_ema},
-        "fid": scorer.describe,
-        "real_floor": floor,
-        "rows": rows,
-        "summary": summary,
-        "plot": png.name,
-        "table": table,
-    }, args.out)
+    plot(
+        rows,
+        png,
+        f"{ckpt.name if args.ckpt else 'checkpoint trained here'}: N={args.num_samples}"
+        f"{' (quick)' if args.quick else ''}",
+    )
+    result = write_results(
+        "sampler_nfe",
+        args.quick,
+        {
+            "machine": machine,
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "checkpoint": {
+                "path": str(ckpt),
+                "trained_here_s_wall": train_s,
+                "unet": config["model"]["diffusion"]["unet"],
+                "schedule": config["schedule"],
+                "ema": not args.no_ema,
+            },
+            "fid": scorer.describe,
+            "real_floor": floor,
+            "rows": rows,
+            "summary": summary,
+            "plot": png.name,
+            "table": table,
+        },
+        args.out,
+    )
     print(f"wrote {result} and {png}")
 
 
-COLUMNS = [("sampler", "sampler"), ("nfe", "NFE"), ("num_samples", "N"), ("fid", "FID"), ("kid", "KID"),
-           ("cas", "CAS"), ("seconds_cpu", "CPU s"), ("seconds_wall", "wall s"), ("img_per_cpu_s", "img/CPU-s")]
+COLUMNS = [
+    ("sampler", "sampler"),
+    ("nfe", "NFE"),
+    ("num_samples", "N"),
+    ("fid", "FID"),
+    ("kid", "KID"),
+    ("cas", "CAS"),
+    ("seconds_cpu", "CPU s"),
+    ("seconds_wall", "wall s"),
+    ("img_per_cpu_s", "img/CPU-s"),
+]
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ VARIANTS = ("ours", "ours_foreach", "diffusers")
 LATENT_SIZE = 8  # MNIST-5k 32x32 at f=4, the project default
 
 
-def build_optimizer(variant: str, params: Any, optimizer_cfg: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(
+    variant: str, params: Any, optimizer_cfg: dict[str, Any]
+) -> torch.optim.Optimizer:
     """ours: the configured optimizer as the project instantiates it; the others: torch's default
     AdamW implementation (foreach) with the same learning rate and weight decay."""
     from hydra.utils import instantiate
@@ -64,11 +66,17 @@ def build_optimizer(variant: str, params: Any, optimizer_cfg: dict[str, Any]) ->
     if variant == "ours":
         return instantiate(optimizer_cfg)(params)
     if optimizer_cfg["_target_"] != "torch.optim.AdamW":
-        raise ValueError(f"optimizer {optimizer_cfg['_target_']!r}: the comparison assumes torch.optim.AdamW")
-    return torch.optim.AdamW(params, lr=optimizer_cfg["lr"], weight_decay=optimizer_cfg.get("weight_decay", 0.0))
+        raise ValueError(
+            f"optimizer {optimizer_cfg['_target_']!r}: the comparison assumes torch.optim.AdamW"
+        )
+    return torch.optim.AdamW(
+        params, lr=optimizer_cfg["lr"], weight_decay=optimizer_cfg.get("weight_decay", 0.0)
+    )
 
 
-def build(variant: str, unet_kwargs: dict[str, Any], optimizer_cfg: dict[str, Any], batch: int, args: Any) -> ModelSteps:
+def build(
+    variant: str, unet_kwargs: dict[str, Any], optimizer_cfg: dict[str, Any], batch: int, args: Any
+) -> ModelSteps:
     """One variant (seeded weights) with its optimizer on the shared, seeded inputs."""
     torch.manual_seed(args.seed)
     if variant.startswith("ours"):
@@ -79,11 +87,19 @@ def build(variant: str, unet_kwargs: dict[str, Any], optimizer_cfg: dict[str, An
     shape = (batch, unet_kwargs["in_channels"], LATENT_SIZE, LATENT_SIZE)
     inputs = denoiser_inputs(shape, unet_kwargs["num_classes"], args.device, args.seed)
     optimizer = build_optimizer(variant, model.parameters(), optimizer_cfg)
-    return ModelSteps(model, call, optimizer, inputs, args.device, args.dtype, args.channels_last, args.compile)
+    return ModelSteps(
+        model, call, optimizer, inputs, args.device, args.dtype, args.channels_last, args.compile
+    )
 
 
-def memory_probe(variant: str, unet_kwargs: dict[str, Any], optimizer_cfg: dict[str, Any], batch: int,
-                 mode: str, args: Any) -> None:
+def memory_probe(
+    variant: str,
+    unet_kwargs: dict[str, Any],
+    optimizer_cfg: dict[str, Any],
+    batch: int,
+    mode: str,
+    args: Any,
+) -> None:
     """Run in a fresh process by peak_rss_mib: build one variant and run two steps of `mode`."""
     torch.set_num_threads(args.threads)
     bench = build(variant, unet_kwargs, optimizer_cfg, batch, args)
@@ -92,8 +108,15 @@ def memory_probe(variant: str, unet_kwargs: dict[str, Any], optimizer_cfg: dict[
     step()
 
 
-def peak_memory_mib(variant: str, unet_kwargs: dict[str, Any], optimizer_cfg: dict[str, Any], batch: int,
-                    mode: str, args: Any, bench: ModelSteps | None) -> float:
+def peak_memory_mib(
+    variant: str,
+    unet_kwargs: dict[str, Any],
+    optimizer_cfg: dict[str, Any],
+    batch: int,
+    mode: str,
+    args: Any,
+    bench: ModelSteps | None,
+) -> float:
     if torch.device(args.device).type == "cuda":
         synchronize(args.device)
         torch.cuda.reset_peak_memory_stats()
@@ -108,7 +131,9 @@ def peak_memory_mib(variant: str, unet_kwargs: dict[str, Any], optimizer_cfg: di
 def run_config(preset: str, batch: int, args: Any) -> list[dict[str, Any]]:
     unet_kwargs, optimizer_cfg = diffusion_preset(preset)
     if not optimizer_cfg.get("fused"):
-        print(f"note: conf/model/diffusion/{preset}.yaml does not set optimizer.fused; `ours` = foreach too")
+        print(
+            f"note: conf/model/diffusion/{preset}.yaml does not set optimizer.fused; `ours` = foreach too"
+        )
     benches = {v: build(v, unet_kwargs, optimizer_cfg, batch, args) for v in VARIANTS}
     # Same weights for the two `ours` variants (they differ only in the optimizer).
     benches["ours_foreach"].model.load_state_dict(copy.deepcopy(benches["ours"].model.state_dict()))
@@ -120,10 +145,20 @@ def run_config(preset: str, batch: int, args: Any) -> list[dict[str, Any]]:
             bench.sample_step()
         synchronize(args.device)
         warm[name] = time.perf_counter() - start
-    train = alternate({n: (lambda b=b: timed(b.train_step, args.device, args.repeats, args.clock)) for n, b in benches.items()},
-                      args.rounds)
-    sample = alternate({n: (lambda b=b: timed(b.sample_step, args.device, args.repeats, args.clock)) for n, b in benches.items()},
-                       args.rounds)
+    train = alternate(
+        {
+            n: (lambda b=b: timed(b.train_step, args.device, args.repeats, args.clock))
+            for n, b in benches.items()
+        },
+        args.rounds,
+    )
+    sample = alternate(
+        {
+            n: (lambda b=b: timed(b.sample_step, args.device, args.repeats, args.clock))
+            for n, b in benches.items()
+        },
+        args.rounds,
+    )
     rows = []
     for name, bench in benches.items():
         fwd_flops, train_flops = bench.flops_per_image()
@@ -132,7 +167,8 @@ def run_config(preset: str, batch: int, args: Any) -> list[dict[str, Any]]:
             "preset": preset,
             "batch": batch,
             "variant": name,
-            "optimizer": type(bench.optimizer).__name__ + (" fused" if bench.optimizer.defaults.get("fused") else " foreach"),
+            "optimizer": type(bench.optimizer).__name__
+            + (" fused" if bench.optimizer.defaults.get("fused") else " foreach"),
             "params": num_params(bench.model),
             "train_img_s": train_ips,
             "sample_img_s": sample_ips,
@@ -145,37 +181,75 @@ def run_config(preset: str, batch: int, args: Any) -> list[dict[str, Any]]:
             "fwd_gflops_per_image": fwd_flops / 1e9,
             "train_gflops_per_image": train_flops / 1e9,
             "train_tflops_achieved": train_flops * train_ips / 1e12,
-            "mfu": train_flops * train_ips / (args.peak_tflops * 1e12) if args.peak_tflops else None,
+            "mfu": train_flops * train_ips / (args.peak_tflops * 1e12)
+            if args.peak_tflops
+            else None,
         }
-        if not args.no_memory and name != "ours_foreach":  # same model as `ours`; optimizer state alike
-            row["train_peak_mib"] = peak_memory_mib(name, unet_kwargs, optimizer_cfg, batch, "train", args, bench)
-            row["sample_peak_mib"] = peak_memory_mib(name, unet_kwargs, optimizer_cfg, batch, "sample", args, bench)
+        if (
+            not args.no_memory and name != "ours_foreach"
+        ):  # same model as `ours`; optimizer state alike
+            row["train_peak_mib"] = peak_memory_mib(
+                name, unet_kwargs, optimizer_cfg, batch, "train", args, bench
+            )
+            row["sample_peak_mib"] = peak_memory_mib(
+                name, unet_kwargs, optimizer_cfg, batch, "sample", args, bench
+            )
         rows.append(row)
-        print(f"{preset} b={batch} {name}: train {train_ips:.1f} img/s, sample {sample_ips:.1f} img/s", flush=True)
+        print(
+            f"{preset} b={batch} {name}: train {train_ips:.1f} img/s, sample {sample_ips:.1f} img/s",
+            flush=True,
+        )
     return rows
 
 
 COLUMNS = [
-    ("preset", "preset"), ("batch", "batch"), ("variant", "model"), ("optimizer", "optimizer"),
-    ("params", "params"), ("train_img_s", "train img/s"), ("train_ratio_vs_diffusers", "train x diffusers"),
-    ("sample_img_s", "sample img/s"), ("sample_ratio_vs_diffusers", "sample x diffusers"),
-    ("train_peak_mib", "train peak MiB"), ("sample_peak_mib", "sample peak MiB"),
-    ("fwd_gflops_per_image", "fwd GFLOP/img"), ("train_tflops_achieved", "train TFLOP/s"), ("mfu", "MFU"),
+    ("preset", "preset"),
+    ("batch", "batch"),
+    ("variant", "model"),
+    ("optimizer", "optimizer"),
+    ("params", "params"),
+    ("train_img_s", "train img/s"),
+    ("train_ratio_vs_diffusers", "train x diffusers"),
+    ("sample_img_s", "sample img/s"),
+    ("sample_ratio_vs_diffusers", "sample x diffusers"),
+    ("train_peak_mib", "train peak MiB"),
+    ("sample_peak_mib", "sample peak MiB"),
+    ("fwd_gflops_per_image", "fwd GFLOP/img"),
+    ("train_tflops_achieved", "train TFLOP/s"),
+    ("mfu", "MFU"),
 ]
 
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=None, help="conf/model/diffusion presets (default: small; full: small base)")
+    parser.add_argument(
+        "--presets",
+        nargs="+",
+        default=None,
+        help="conf/model/diffusion presets (default: small; full: small base)",
+    )
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (medians over these)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="alternating rounds (medians over these)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="steps per timed measurement")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast for every model")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs for every model")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model (compile time = warmup_s)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (e.g. H100 bf16 dense: 989)")
+    parser.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast for every model"
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="NHWC weights and inputs for every model"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile every model (compile time = warmup_s)"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak for MFU (e.g. H100 bf16 dense: 989)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     args = parser.parse_args()
     setup_run(args, args.device)
@@ -193,14 +267,19 @@ def main() -> None:
     unit = "img/s" if args.clock == "wall" else "img/CPU-s"
     table = format_table(rows, [(k, h.replace("img/s", unit)) for k, h in COLUMNS])
     print(table)
-    path = write_results("unet_throughput", args.quick, {
-        "machine": machine,
-        "settings": {k: (str(v) if k == "out" else v) for k, v in vars(args).items()},
-        "latent_shape": f"(c, {LATENT_SIZE}, {LATENT_SIZE}) from the preset's in_channels",
-        "conditioning": "class-conditional for every model (num_classes + 1 embedding rows)",
-        "rows": rows,
-        "table": table,
-    }, args.out)
+    path = write_results(
+        "unet_throughput",
+        args.quick,
+        {
+            "machine": machine,
+            "settings": {k: (str(v) if k == "out" else v) for k, v in vars(args).items()},
+            "latent_shape": f"(c, {LATENT_SIZE}, {LATENT_SIZE}) from the preset's in_channels",
+            "conditioning": "class-conditional for every model (num_classes + 1 embedding rows)",
+            "rows": rows,
+            "table": table,
+        },
+        args.out,
+    )
     print(f"wrote {path}")
 
 

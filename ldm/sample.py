@@ -85,7 +85,13 @@ def check_settings(cfg: DictConfig) -> Settings:
     """Validate every plain value of the sampling config; UserError (one line) on the first bad one."""
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.get("ckpt"):
         raise UserError("ckpt is required: python sample.py ckpt=PATH (a stage-2 checkpoint)")
-    for key in ("num_samples", "batch_size", "sampler.steps", "trajectory_samples", "trajectory_steps"):
+    for key in (
+        "num_samples",
+        "batch_size",
+        "sampler.steps",
+        "trajectory_samples",
+        "trajectory_steps",
+    ):
         _positive_int(cfg, key)
     if not _is_int(cfg.seed):
         raise UserError(f"seed={cfg.seed!r} must be an integer")
@@ -109,7 +115,9 @@ def check_settings(cfg: DictConfig) -> Settings:
     label = _plain(cfg.class_label)
     if isinstance(label, list):
         if not label or not all(_is_int(x) for x in label):
-            raise UserError(f"class_label={label!r} must be null, an integer or a non-empty list of integers")
+            raise UserError(
+                f"class_label={label!r} must be null, an integer or a non-empty list of integers"
+            )
         if len(label) > cfg.num_samples:
             raise UserError(
                 f"class_label has {len(label)} entries but num_samples={cfg.num_samples}; "
@@ -121,16 +129,22 @@ def check_settings(cfg: DictConfig) -> Settings:
     sweep = _plain(cfg.nfe_sweep)
     if sweep is not None:
         if not isinstance(sweep, list) or not sweep or not all(_is_int(n) and n > 0 for n in sweep):
-            raise UserError(f"nfe_sweep={sweep!r} must be null or a non-empty list of positive step counts")
+            raise UserError(
+                f"nfe_sweep={sweep!r} must be null or a non-empty list of positive step counts"
+            )
     if (flags["fid"] or sweep) and cfg.num_samples < 2:
-        raise UserError(f"num_samples={cfg.num_samples} is too few for FID (fid / nfe_sweep); use >= 2")
+        raise UserError(
+            f"num_samples={cfg.num_samples} is too few for FID (fid / nfe_sweep); use >= 2"
+        )
 
     ckpt = Path(str(cfg.ckpt))
     if not ckpt.is_file():  # checked here too: answers before torch is imported
         raise UserError(f"ckpt={str(ckpt)!r} does not exist or is not a file")
     out_dir = Path(str(cfg.out_dir))
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"out_dir={str(out_dir)!r} already exists and is not empty; choose a new out_dir")
+        raise UserError(
+            f"out_dir={str(out_dir)!r} already exists and is not empty; choose a new out_dir"
+        )
 
     return Settings(
         ckpt=ckpt,
@@ -184,7 +198,10 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
 
 
 def resolve_labels(
-    class_label: int | list[int] | None, num_samples: int, num_classes: int | None, guidance_scale: float
+    class_label: int | list[int] | None,
+    num_samples: int,
+    num_classes: int | None,
+    guidance_scale: float,
 ) -> torch.Tensor | None:
     """The label of every sample, LongTensor (num_samples,), or None for unconditional models.
 
@@ -195,7 +212,9 @@ def resolve_labels(
 
     if num_classes is None:
         if class_label is not None:
-            raise UserError(f"class_label={class_label!r} given but the checkpoint's model is unconditional")
+            raise UserError(
+                f"class_label={class_label!r} given but the checkpoint's model is unconditional"
+            )
         if guidance_scale != 1.0:
             raise UserError(
                 f"guidance_scale={guidance_scale} needs a class-conditional model; this one is "
@@ -207,7 +226,9 @@ def resolve_labels(
     chosen = class_label if isinstance(class_label, list) else [class_label]
     for label in chosen:
         if not 0 <= label < num_classes:
-            raise UserError(f"class_label={label} is outside the model's classes 0..{num_classes - 1}")
+            raise UserError(
+                f"class_label={label} is outside the model's classes 0..{num_classes - 1}"
+            )
     return torch.tensor(chosen, dtype=torch.long)[torch.arange(num_samples) % len(chosen)]  # (N,)
 
 
@@ -284,8 +305,14 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
     save_image(make_grid(to_display_range(images), nrow=nrow, padding=2), path)
 
 
-def save_trajectory(model: Any, recorder: TrajectoryRecorder, columns: int, device: torch.device,
-                    precision: str, path: Path) -> list[int]:
+def save_trajectory(
+    model: Any,
+    recorder: TrajectoryRecorder,
+    columns: int,
+    device: torch.device,
+    precision: str,
+    path: Path,
+) -> list[int]:
     """Decoded x0 predictions as one image: a row per sample, `columns` evenly spaced steps from the
     first (t = T-1: a blurry mean) to the last (the final sample). Returns the timesteps shown."""
     import torch
@@ -337,8 +364,9 @@ class Evaluator:
         }
 
 
-def build_evaluator(ckpt: Mapping[str, Any], path: Path, metrics_cfg: DictConfig,
-                    device: torch.device) -> Evaluator:
+def build_evaluator(
+    ckpt: Mapping[str, Any], path: Path, metrics_cfg: DictConfig, device: torch.device
+) -> Evaluator:
     """Rebuild the checkpoint's data module from its stored config (allowlisted targets only), get
     the feature extractor (training the FID classifier once, cached) and the real-feature cache."""
     from ldm.metrics.fid import build_extractor, real_features_path
@@ -346,7 +374,9 @@ def build_evaluator(ckpt: Mapping[str, Any], path: Path, metrics_cfg: DictConfig
 
     data_cfg = ckpt["ldm"]["config"].get("data")
     if not isinstance(data_cfg, Mapping):
-        raise UserError(f"checkpoint {str(path)!r} stores no data config; fid/nfe_sweep need the dataset")
+        raise UserError(
+            f"checkpoint {str(path)!r} stores no data config; fid/nfe_sweep need the dataset"
+        )
     try:
         datamodule = safe_instantiate(data_cfg, where=f"checkpoint {str(path)!r} (data)")
         datamodule.setup("fit")
@@ -373,28 +403,40 @@ def build_evaluator(ckpt: Mapping[str, Any], path: Path, metrics_cfg: DictConfig
     )
 
 
-def run_nfe_sweep(model: Any, samplers: dict[int, Any], settings: Settings, labels: torch.Tensor | None,
-                  device: torch.device, evaluate: Evaluator) -> list[dict[str, Any]]:
+def run_nfe_sweep(
+    model: Any,
+    samplers: dict[int, Any],
+    settings: Settings,
+    labels: torch.Tensor | None,
+    device: torch.device,
+    evaluate: Evaluator,
+) -> list[dict[str, Any]]:
     """FID and wall time of `num_samples` images at each step count (same seed each time)."""
     rows = []
     for steps, sampler in samplers.items():
-        images, seconds = generate(model, sampler, settings, labels, device, f"nfe sweep: {steps} steps")
+        images, seconds = generate(
+            model, sampler, settings, labels, device, f"nfe sweep: {steps} steps"
+        )
         scores = evaluate(images, labels)
-        rows.append({
-            "steps": steps,
-            "nfe": sampler.nfe,
-            "fid": scores["fid"],
-            "kid": scores["kid"],
-            "cas": scores["cas"],
-            "seconds": seconds,
-            "images_per_second": settings.num_samples / seconds,
-            "N": scores["N"],
-        })
+        rows.append(
+            {
+                "steps": steps,
+                "nfe": sampler.nfe,
+                "fid": scores["fid"],
+                "kid": scores["kid"],
+                "cas": scores["cas"],
+                "seconds": seconds,
+                "images_per_second": settings.num_samples / seconds,
+                "N": scores["N"],
+            }
+        )
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'steps':>6} {'NFE':>6} {'FID':>10} {'KID':>10} {'CAS':>6} {'seconds':>9} {'img/s':>9}"
+    header = (
+        f"{'steps':>6} {'NFE':>6} {'FID':>10} {'KID':>10} {'CAS':>6} {'seconds':>9} {'img/s':>9}"
+    )
     lines = [header]
     for r in rows:
         cas = f"{r['cas']:.3f}" if r["cas"] is not None else "-"
@@ -413,10 +455,16 @@ def plot_nfe_sweep(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     ax_fid, ax_time = fig.subplots(1, 2)
     ax_fid.plot(nfe, [r["fid"] for r in rows], "o-")
-    ax_fid.set(xscale="log", xlabel="NFE (model evaluations per sample)", ylabel="FID", title="FID vs NFE")
+    ax_fid.set(
+        xscale="log", xlabel="NFE (model evaluations per sample)", ylabel="FID", title="FID vs NFE"
+    )
     ax_time.plot(nfe, [r["seconds"] for r in rows], "o-", color="tab:orange")
-    ax_time.set(xscale="log", xlabel="NFE (model evaluations per sample)", ylabel="seconds",
-                title=f"wall time of N={rows[0]['N']} vs NFE")
+    ax_time.set(
+        xscale="log",
+        xlabel="NFE (model evaluations per sample)",
+        ylabel="seconds",
+        title=f"wall time of N={rows[0]['N']} vs NFE",
+    )
     for ax in (ax_fid, ax_time):
         ax.minorticks_off()  # log-axis minor labels (3x10^0 ...) would clutter the NFE ticks
         ax.set_xticks(nfe, [str(x) for x in nfe])
@@ -444,12 +492,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from ldm.models.loading import latent_diffusion_from_checkpoint
 
-    model = latent_diffusion_from_checkpoint(ckpt, settings.ckpt, use_ema=settings.use_ema).to(device)
-    labels = resolve_labels(settings.class_label, settings.num_samples, model.num_classes,
-                            settings.guidance_scale)
+    model = latent_diffusion_from_checkpoint(ckpt, settings.ckpt, use_ema=settings.use_ema).to(
+        device
+    )
+    labels = resolve_labels(
+        settings.class_label, settings.num_samples, model.num_classes, settings.guidance_scale
+    )
     sampler = build_sampler(cfg.sampler, model.schedule, f"sampler={cfg.sampler.name}")
     sweep_samplers = {
-        n: build_sampler(cfg.sampler, model.schedule, f"nfe_sweep entry {n} (sampler={cfg.sampler.name})", steps=n)
+        n: build_sampler(
+            cfg.sampler,
+            model.schedule,
+            f"nfe_sweep entry {n} (sampler={cfg.sampler.name})",
+            steps=n,
+        )
         for n in settings.nfe_sweep
     }
     evaluate = None
@@ -478,10 +534,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         files.append("grid.png")
     trajectory = None
     if recorder is not None:
-        shown_t = save_trajectory(model, recorder, settings.trajectory_steps, device, settings.precision,
-                                  out / "trajectory.png")
-        trajectory = {"file": "trajectory.png", "samples": recorder.x0_preds[0].shape[0],
-                      "timesteps": shown_t}
+        shown_t = save_trajectory(
+            model,
+            recorder,
+            settings.trajectory_steps,
+            device,
+            settings.precision,
+            out / "trajectory.png",
+        )
+        trajectory = {
+            "file": "trajectory.png",
+            "samples": recorder.x0_preds[0].shape[0],
+            "timesteps": shown_t,
+        }
         files.append("trajectory.png")
 
     stored = ckpt["ldm"]["config"]
@@ -496,8 +561,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         },
         "weights": "ema" if settings.use_ema and "current_model_state" in ckpt else "raw",
         "config": {k: _plain(v) for k, v in cfg.items() if k != "hydra"},
-        "sampler": {"name": cfg.sampler.name, "steps": sampler.steps, "nfe": sampler.nfe,
-                    "repr": repr(sampler)},
+        "sampler": {
+            "name": cfg.sampler.name,
+            "steps": sampler.steps,
+            "nfe": sampler.nfe,
+            "repr": repr(sampler),
+        },
         "device": str(device),
         "precision": settings.precision,
         "N": len(images),
@@ -505,8 +574,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "num_classes": model.num_classes,
         "guidance_scale": settings.guidance_scale if labels is not None else 1.0,
         "labels": labels.tolist() if labels is not None else None,
-        "timing": {"seconds": seconds, "images_per_second": len(images) / seconds,
-                   "batch_size": settings.batch_size},
+        "timing": {
+            "seconds": seconds,
+            "images_per_second": len(images) / seconds,
+            "batch_size": settings.batch_size,
+        },
         "trajectory": trajectory,
         "torch": torch.__version__,
         "files": [*files, "samples.json"],
@@ -520,29 +592,47 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     if settings.fid:
         scores = evaluate(images, labels)
-        metrics = {**scores, "extractor": cfg.metrics.extractor, "dataset": evaluate.dataset,
-                   "sampler": record["sampler"]["name"], "steps": sampler.steps,
-                   "guidance_scale": record["guidance_scale"], "checkpoint_sha256": record["checkpoint"]["sha256"]}
+        metrics = {
+            **scores,
+            "extractor": cfg.metrics.extractor,
+            "dataset": evaluate.dataset,
+            "sampler": record["sampler"]["name"],
+            "steps": sampler.steps,
+            "guidance_scale": record["guidance_scale"],
+            "checkpoint_sha256": record["checkpoint"]["sha256"],
+        }
         write_json(metrics, out / "metrics.json")
         record["metrics"] = metrics
         record["files"].append("metrics.json")
         cas = f", CAS {scores['cas']:.3f}" if scores["cas"] is not None else ""
-        print(f"FID {scores['fid']:.3f}, KID {scores['kid']:.5f}{cas} (N={scores['N']} vs "
-              f"{scores['num_real']} real, {cfg.metrics.extractor} features)")
+        print(
+            f"FID {scores['fid']:.3f}, KID {scores['kid']:.5f}{cas} (N={scores['N']} vs "
+            f"{scores['num_real']} real, {cfg.metrics.extractor} features)"
+        )
 
     if sweep_samplers:
         rows = run_nfe_sweep(model, sweep_samplers, settings, labels, device, evaluate)
-        sweep = {"sampler": cfg.sampler.name, "N": settings.num_samples, "extractor": cfg.metrics.extractor,
-                 "guidance_scale": record["guidance_scale"], "device": str(device), "rows": rows}
+        sweep = {
+            "sampler": cfg.sampler.name,
+            "N": settings.num_samples,
+            "extractor": cfg.metrics.extractor,
+            "guidance_scale": record["guidance_scale"],
+            "device": str(device),
+            "rows": rows,
+        }
         write_json(sweep, out / "nfe_sweep.json")
         with open(out / "nfe_sweep.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        plot_nfe_sweep(rows, f"{cfg.sampler.name}, N={settings.num_samples}, {device}", out / "nfe_sweep.png")
+        plot_nfe_sweep(
+            rows, f"{cfg.sampler.name}, N={settings.num_samples}, {device}", out / "nfe_sweep.png"
+        )
         record["nfe_sweep"] = rows
         record["files"] += ["nfe_sweep.json", "nfe_sweep.csv", "nfe_sweep.png"]
-        print(f"NFE sweep ({cfg.sampler.name}, N={settings.num_samples}, {cfg.metrics.extractor} features):")
+        print(
+            f"NFE sweep ({cfg.sampler.name}, N={settings.num_samples}, {cfg.metrics.extractor} features):"
+        )
         print(format_table(rows))
 
     write_json(record, out / "samples.json")

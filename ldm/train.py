@@ -42,9 +42,13 @@ from ldm.utils.validation import check_writable, validate_config
 log = logging.getLogger(__name__)
 
 # ThroughputMonitor (conf/callbacks) reports images/s; FLOPs (MFU) are measured by bench/ instead.
-warnings.filterwarnings("ignore", message="When using the `ThroughputMonitor`, you need to define a `flops_per_batch`")
+warnings.filterwarnings(
+    "ignore", message="When using the `ThroughputMonitor`, you need to define a `flops_per_batch`"
+)
 # Stage 2 keeps the frozen autoencoder in eval mode on purpose.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+warnings.filterwarnings(
+    "ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training"
+)
 
 # Keys of model/diffusion that configure the run, not the LightningModule's constructor.
 DIFFUSION_RUN_KEYS = ("latent_cache",)
@@ -159,10 +163,18 @@ def fit_stage(
     preemption = PreemptionCheckpoint(stage_checkpoint_dir(cfg, stage), requeue=auto_requeue)
     callbacks.append(preemption)
     loggers = instantiate_loggers(cfg.get("logger"), name=f"{group}-{stage}", group=group)
-    trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        trainer_cfg, callbacks=callbacks, logger=loggers or False
+    )
     for logger in loggers:
-        logger.log_hyperparams({**resolved, "trained_stage": stage, "manifest": manifest or {},
-                                "data/num_skipped": getattr(datamodule, "num_skipped", 0)})
+        logger.log_hyperparams(
+            {
+                **resolved,
+                "trained_stage": stage,
+                "manifest": manifest or {},
+                "data/num_skipped": getattr(datamodule, "num_skipped", 0),
+            }
+        )
 
     log.info("stage %s: fitting %s", stage, type(model).__name__)
     started = time.perf_counter()
@@ -179,10 +191,19 @@ def fit_stage(
         # No checkpoint callback configured: keep the final weights so stage 2 can use them.
         last = str(stage_checkpoint_dir(cfg, stage) / "final.ckpt")
         trainer.save_checkpoint(last)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics = {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if torch.is_tensor(v) and v.numel() == 1
+    }
     finish_wandb()
-    return {"best_checkpoint": best or last, "last_checkpoint": last or best, "metrics": metrics,
-            "trainer": trainer, "fit_seconds": fit_seconds}
+    return {
+        "best_checkpoint": best or last,
+        "last_checkpoint": last or best,
+        "metrics": metrics,
+        "trainer": trainer,
+        "fit_seconds": fit_seconds,
+    }
 
 
 def use_autoencoder_config(cfg: DictConfig, ae_config: dict[str, Any]) -> None:
@@ -193,7 +214,9 @@ def use_autoencoder_config(cfg: DictConfig, ae_config: dict[str, Any]) -> None:
 
 
 @rank_zero_only
-def save_final_grid(model: pl.LightningModule, datamodule: pl.LightningDataModule, cfg: DictConfig) -> Path:
+def save_final_grid(
+    model: pl.LightningModule, datamodule: pl.LightningDataModule, cfg: DictConfig
+) -> Path:
     """Sample one grid from the final (EMA) model: one row per class when conditional, with the
     validation grid's guidance scale (`model.diffusion.val_guidance_scale`)."""
     num_classes = getattr(datamodule, "num_classes", None)
@@ -201,8 +224,12 @@ def save_final_grid(model: pl.LightningModule, datamodule: pl.LightningDataModul
     if num_classes:
         per_class = 8
         labels = torch.arange(num_classes, device=model.device).repeat_interleave(per_class)
-        images = model.sample(len(labels), class_labels=labels, generator=generator,
-                              guidance_scale=model.hparams.val_guidance_scale)
+        images = model.sample(
+            len(labels),
+            class_labels=labels,
+            generator=generator,
+            guidance_scale=model.hparams.val_guidance_scale,
+        )
         nrow = per_class
     else:
         images = model.sample(64, generator=generator)
@@ -216,10 +243,16 @@ def save_final_grid(model: pl.LightningModule, datamodule: pl.LightningDataModul
 def print_summary(results: dict[str, dict[str, Any]], grid: Path | None) -> None:
     lines = ["", "=== ldm run summary ==="]
     for stage, result in results.items():
-        lines.append(f"{stage} checkpoint (best): {result['best_checkpoint']} "
-                     f"(fit: {result['fit_seconds']:.0f} s wall)")
-        shown = {k: v for k, v in result["metrics"].items() if k.startswith(("val/", "ref/", "test/"))}
-        lines.append(f"{stage} metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())))
+        lines.append(
+            f"{stage} checkpoint (best): {result['best_checkpoint']} "
+            f"(fit: {result['fit_seconds']:.0f} s wall)"
+        )
+        shown = {
+            k: v for k, v in result["metrics"].items() if k.startswith(("val/", "ref/", "test/"))
+        }
+        lines.append(
+            f"{stage} metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()))
+        )
     if grid is not None:
         lines.append(f"final sample grid: {grid}")
     print("\n".join(lines))
@@ -242,7 +275,9 @@ def stage_datamodule(cfg: DictConfig, stage: str) -> pl.LightningDataModule:
     """The data module of one stage: `data` with `stage_data.<stage>` merged over it, so each
     stage can have its own batch size (stage 1 learns faster from more, smaller batches)."""
     overrides = OmegaConf.select(cfg, f"stage_data.{stage}", default=None)
-    return hydra.utils.instantiate(cfg.data, **(OmegaConf.to_container(overrides, resolve=True) if overrides else {}))
+    return hydra.utils.instantiate(
+        cfg.data, **(OmegaConf.to_container(overrides, resolve=True) if overrides else {})
+    )
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -253,7 +288,11 @@ def run(cfg: DictConfig) -> float | None:
     resume = resume_checkpoints(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = stage_datamodule(cfg, "diffusion")
-    manifest = write_run_files(output_dir, cfg, datamodule.fingerprint()) if rank_zero_only.rank == 0 else None
+    manifest = (
+        write_run_files(output_dir, cfg, datamodule.fingerprint())
+        if rank_zero_only.rank == 0
+        else None
+    )
     # One W&B group for both stages of a run and for all jobs of a sweep.
     group = f"{cfg.task_name}-{(sweep_dir() or output_dir).name}"
 
@@ -264,7 +303,12 @@ def run(cfg: DictConfig) -> float | None:
         if cfg.stage == "autoencoder" or (cfg.stage == "all" and "diffusion" not in resume):
             autoencoder = hydra.utils.instantiate(cfg.model.autoencoder)
             results["autoencoder"] = fit_stage(
-                "autoencoder", cfg, autoencoder, stage_datamodule(cfg, "autoencoder"), group, manifest,
+                "autoencoder",
+                cfg,
+                autoencoder,
+                stage_datamodule(cfg, "autoencoder"),
+                group,
+                manifest,
                 resume.get("autoencoder"),
             )
             autoencoder_ckpt = results["autoencoder"]["best_checkpoint"]
@@ -283,7 +327,9 @@ def run(cfg: DictConfig) -> float | None:
                 from ldm.data.latent_cache import latent_cache_datamodule
 
                 cache_dir = Path(cfg.paths.cache_dir) / "latents"
-                stage_data = latent_cache_datamodule(autoencoder, autoencoder_ckpt, datamodule, cache_dir)
+                stage_data = latent_cache_datamodule(
+                    autoencoder, autoencoder_ckpt, datamodule, cache_dir
+                )
             results["diffusion"] = fit_stage(
                 "diffusion", cfg, model, stage_data, group, manifest, resume.get("diffusion")
             )

@@ -13,7 +13,13 @@ from ldm.utils.cli import group_options
 from tests.conftest import CONF_DIR, ROOT, compose_config
 
 # Options that need files the tests do not have; they are composed but only checked, not built.
-NEEDS_FILES = {("data", "image_folder"), ("data", "latents"), ("data", "mnist"), ("data", "fashion_mnist"), ("data", "cifar10")}
+NEEDS_FILES = {
+    ("data", "image_folder"),
+    ("data", "latents"),
+    ("data", "mnist"),
+    ("data", "fashion_mnist"),
+    ("data", "cifar10"),
+}
 
 
 def test_default_config_values(tmp_path):
@@ -34,12 +40,26 @@ def test_data_options_compose_and_instantiate(option, tmp_path):
     dm = hydra.utils.instantiate(cfg.data)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape[1:] == (cfg.data.num_channels, cfg.data.image_size, cfg.data.image_size)
+    assert batch["image"].shape[1:] == (
+        cfg.data.num_channels,
+        cfg.data.image_size,
+        cfg.data.image_size,
+    )
 
 
 @pytest.mark.parametrize(
     "group",
-    ["model/autoencoder", "schedule", "sampler", "trainer", "logger", "fid", "callbacks", "experiment", "debug"],
+    [
+        "model/autoencoder",
+        "schedule",
+        "sampler",
+        "trainer",
+        "logger",
+        "fid",
+        "callbacks",
+        "experiment",
+        "debug",
+    ],
 )
 def test_group_options_compose(group, tmp_path):
     for option in group_options(CONF_DIR, group):
@@ -80,12 +100,21 @@ def test_trainer_options_instantiate(option, tmp_path):
 
 
 def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize(
     ("override", "expected"),
-    [("data=nope", "data='nope' is not an option of 'data'"), ("stage=both", "stage='both' is not one of all|autoencoder|diffusion")],
+    [
+        ("data=nope", "data='nope' is not an option of 'data'"),
+        ("stage=both", "stage='both' is not one of all|autoencoder|diffusion"),
+    ],
 )
 def test_bad_values_give_one_line_error(override, expected, tmp_path):
     result = run_cli(override, f"paths.log_dir={tmp_path}")

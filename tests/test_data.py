@@ -19,7 +19,9 @@ from ldm.data import (
 
 
 def make_dm(source, **kw) -> ImageDataModule:
-    defaults = dict(name="t", image_size=32, num_channels=1, num_classes=10, batch_size=16, val_fraction=0.1)
+    defaults = dict(
+        name="t", image_size=32, num_channels=1, num_classes=10, batch_size=16, val_fraction=0.1
+    )
     defaults.update(kw)
     dm = ImageDataModule(source, **defaults)
     dm.setup()
@@ -60,7 +62,11 @@ def test_split_deterministic_and_disjoint():
     b_train, b_val = split_indices(100, 0.2, seed=3)
     _, c_val = split_indices(100, 0.2, seed=4)
     assert a_train == b_train and a_val == b_val
-    assert set(a_train).isdisjoint(a_val) and len(set(a_train) | set(a_val)) == 100 and len(a_val) == 20
+    assert (
+        set(a_train).isdisjoint(a_val)
+        and len(set(a_train) | set(a_val)) == 100
+        and len(a_val) == 20
+    )
     assert a_val != c_val
     with pytest.raises(ValueError, match=r"val_fraction=1\.5"):
         split_indices(10, 1.5, 0)
@@ -93,13 +99,28 @@ def write_images(root, n=6):
 
 def test_image_folder_rgb_and_gray(tmp_path):
     write_images(tmp_path)
-    dm = make_dm(ImageFolder(str(tmp_path), image_size=32, mode="RGB"), num_channels=3, num_classes=None, batch_size=4, val_fraction=0.25)
+    dm = make_dm(
+        ImageFolder(str(tmp_path), image_size=32, mode="RGB"),
+        num_channels=3,
+        num_classes=None,
+        batch_size=4,
+        val_fraction=0.25,
+    )
     assert len(dm.full_dataset) == 7  # recursive, .txt ignored
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"image"} and batch["image"].shape == (4, 3, 32, 32)
     assert batch["image"].min() >= -1 and batch["image"].max() <= 1
-    gray = make_dm(ImageFolder(str(tmp_path), image_size=16, mode="L"), image_size=16, num_classes=None, batch_size=2)
-    white = [item["image"] for item in (gray.full_dataset[i] for i in range(len(gray.full_dataset))) if item["image"].min() == 1.0]
+    gray = make_dm(
+        ImageFolder(str(tmp_path), image_size=16, mode="L"),
+        image_size=16,
+        num_classes=None,
+        batch_size=2,
+    )
+    white = [
+        item["image"]
+        for item in (gray.full_dataset[i] for i in range(len(gray.full_dataset)))
+        if item["image"].min() == 1.0
+    ]
     assert len(white) == 1 and white[0].shape == (1, 16, 16)
 
 

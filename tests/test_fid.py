@@ -41,7 +41,9 @@ TINY_CLASSIFIER = {"epochs": 2, "widths": [8, 16], "feature_dim": 64}
 
 
 def make_dm(source, **kw) -> ImageDataModule:
-    args = dict(name="t", image_size=32, num_channels=1, num_classes=10, batch_size=16, val_fraction=0.1)
+    args = dict(
+        name="t", image_size=32, num_channels=1, num_classes=10, batch_size=16, val_fraction=0.1
+    )
     args.update(kw)
     dm = ImageDataModule(source, **args)
     dm.setup()
@@ -70,7 +72,9 @@ def real_features(mnist, tiny_extractor) -> torch.Tensor:
 
 
 def metrics_for(extractor, real_features, classifier=None, **kw) -> SampleMetrics:
-    metrics = SampleMetrics(extractor, classifier, 10 if classifier is not None else None, sync_on_compute=False, **kw)
+    metrics = SampleMetrics(
+        extractor, classifier, 10 if classifier is not None else None, sync_on_compute=False, **kw
+    )
     metrics.set_real_features(real_features)
     return metrics
 
@@ -85,7 +89,9 @@ def score(metrics: SampleMetrics, images: torch.Tensor, labels: torch.Tensor | N
 # ---- FID / KID -----------------------------------------------------------------------------------
 
 
-def test_fid_of_a_set_against_itself_is_zero_and_against_noise_large(mnist, tiny_extractor, real_features):
+def test_fid_of_a_set_against_itself_is_zero_and_against_noise_large(
+    mnist, tiny_extractor, real_features
+):
     train_x = mnist[0]
     metrics = metrics_for(tiny_extractor, real_features)
     same = score(metrics, train_x)
@@ -105,7 +111,10 @@ def degrade_levels():
     """(name, transform) pairs of increasing damage, applied to images in [-1, 1]."""
     gen = torch.Generator().manual_seed(0)
     blur = [lambda x, s=s: gaussian_blur(x, kernel_size=9, sigma=s) for s in (0.6, 1.0, 1.6, 2.5)]
-    noise = [lambda x, s=s: (x + s * torch.randn(x.shape, generator=gen)).clamp(-1, 1) for s in (0.1, 0.25, 0.5, 1.0)]
+    noise = [
+        lambda x, s=s: (x + s * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+        for s in (0.1, 0.25, 0.5, 1.0)
+    ]
     return {"blur": blur, "noise": noise}
 
 
@@ -134,7 +143,14 @@ def test_cas_is_high_for_true_labels_and_low_for_shuffled(mnist, tiny_extractor,
 def test_compute_metrics_caches_real_features(tmp_path, mnist, tiny_extractor):
     train_x, _, val_x, val_y = mnist
     cache = tmp_path / "real.pt"
-    first = compute_metrics(val_x, train_x[:2000], tiny_extractor, fake_labels=val_y, classifier=tiny_extractor, real_cache=cache)
+    first = compute_metrics(
+        val_x,
+        train_x[:2000],
+        tiny_extractor,
+        fake_labels=val_y,
+        classifier=tiny_extractor,
+        real_cache=cache,
+    )
     assert cache.is_file() and first["num_real"] == 2000 and first["num_samples"] == 500
     assert first["cas"] > 0.9 and first["fid"] > 0
     # Second call reads the cache: the (empty) real source is never touched.
@@ -143,11 +159,17 @@ def test_compute_metrics_caches_real_features(tmp_path, mnist, tiny_extractor):
     assert second["kid"] == pytest.approx(first["kid"], rel=1e-12)
 
 
-def test_reference_scores_floor_below_ceiling_and_cached(tmp_path, mnist, tiny_extractor, real_features):
+def test_reference_scores_floor_below_ceiling_and_cached(
+    tmp_path, mnist, tiny_extractor, real_features
+):
     metrics = metrics_for(tiny_extractor, real_features)
     cache = tmp_path / "reference.json"
     ref = reference_scores(metrics, mnist[2], 300, (1, 32, 32), cache)
-    assert ref["real_floor_num_samples"] == 500 and ref["noise_num_samples"] == 300 and ref["num_real"] == 4500
+    assert (
+        ref["real_floor_num_samples"] == 500
+        and ref["noise_num_samples"] == 300
+        and ref["num_real"] == 4500
+    )
     assert 0 < ref["fid_real_floor"] < ref["fid_noise_ceiling"] / 50
     stored = json.loads(cache.read_text())
     assert stored["scores"] == ref and stored["settings"]["extractor"] == tiny_extractor.cache_key
@@ -170,7 +192,9 @@ def test_bad_inputs_name_the_bad_value():
         FIDCallback(every_n_epochs=-1)
     with pytest.raises(ValueError, match="sampler_steps=0"):
         FIDCallback(sampler_steps=0)
-    unlabeled = ImageDataModule(SklearnDigits(32), name="d", image_size=32, num_channels=1, num_classes=None)
+    unlabeled = ImageDataModule(
+        SklearnDigits(32), name="d", image_size=32, num_channels=1, num_classes=None
+    )
     with pytest.raises(ValueError, match="needs a labeled dataset"):
         get_or_train_classifier(unlabeled, "unused")
 
@@ -279,7 +303,9 @@ class FlattenFeatures(nn.Module):
 
 
 def _ddp_worker(rank, world_size, init_file, real, fake, labels, out_dir):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
     try:
         extractor = FlattenFeatures()
         metrics = SampleMetrics(extractor, extractor, 4, kid_subset_size=1000)
@@ -299,8 +325,11 @@ def test_ddp_ranks_share_samples_and_agree_with_one_process(tmp_path):
     # spawn, not fork: a forked child deadlocks in OpenMP when the parent process (the test
     # session) has already run multi-threaded torch ops.
     torch.multiprocessing.start_processes(
-        _ddp_worker, args=(2, str(tmp_path / "init"), real, fake, labels, str(tmp_path)), nprocs=2,
-        join=True, start_method="spawn",
+        _ddp_worker,
+        args=(2, str(tmp_path / "init"), real, fake, labels, str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
     )
     extractor = FlattenFeatures()
     single = SampleMetrics(extractor, extractor, 4, sync_on_compute=False)
@@ -344,7 +373,9 @@ class BankGenerator(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    def sample(self, num_samples, class_labels=None, guidance_scale=1.0, generator=None, sampler=None, **kw):
+    def sample(
+        self, num_samples, class_labels=None, guidance_scale=1.0, generator=None, sampler=None, **kw
+    ):
         self.calls.append(None if class_labels is None else class_labels.cpu())
         self.samplers.append(sampler)
         self.weights_seen.append(float(self.weight.detach()))
@@ -360,9 +391,17 @@ class BankGenerator(pl.LightningModule):
 
 def fit(callbacks, model: BankGenerator, dm, tmp_path, max_epochs: int = 1) -> pl.Trainer:
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, limit_train_batches=2, limit_val_batches=1, log_every_n_steps=1,
-        logger=CSVLogger(tmp_path, name="csv"), callbacks=callbacks, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path, name="csv"),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=dm)
     return trainer
@@ -373,8 +412,12 @@ def test_callback_logs_fid_kid_cas_and_references(tmp_path):
     val_x, val_y = collect_images(dm.val_dataset)
     model = BankGenerator(val_x, val_y)
     callback = FIDCallback(
-        num_samples=60, batch_size=25, every_n_epochs=1, cache_dir=tmp_path / "cache",
-        classifier=TINY_CLASSIFIER, progress_bar=False,
+        num_samples=60,
+        batch_size=25,
+        every_n_epochs=1,
+        cache_dir=tmp_path / "cache",
+        classifier=TINY_CLASSIFIER,
+        progress_bar=False,
     )
     trainer = fit([callback], model, dm, tmp_path)
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -401,8 +444,14 @@ def test_callback_schedule_unconditional_and_disabled(tmp_path):
     val_x, val_y = collect_images(dm.val_dataset)
     model = BankGenerator(val_x, val_y, num_classes=None)
     callback = FIDCallback(
-        num_samples=20, batch_size=20, every_n_epochs=2, cache_dir=tmp_path / "cache",
-        classifier=TINY_CLASSIFIER, progress_bar=False, log_reference=False, sampler_steps=7,
+        num_samples=20,
+        batch_size=20,
+        every_n_epochs=2,
+        cache_dir=tmp_path / "cache",
+        classifier=TINY_CLASSIFIER,
+        progress_bar=False,
+        log_reference=False,
+        sampler_steps=7,
     )
     trainer = fit([callback], model, dm, tmp_path, max_epochs=3)
     # Epoch 2 (every 2nd) and epoch 3 (the last); unconditional: no labels, no CAS.
@@ -422,8 +471,15 @@ def test_callback_samples_with_ema_weights_and_checks_the_order(tmp_path):
     dm = make_dm(SklearnDigits(image_size=32))
     val_x, val_y = collect_images(dm.val_dataset)
     model = BankGenerator(val_x, val_y)
-    fid = FIDCallback(num_samples=10, batch_size=10, every_n_epochs=1, cache_dir=tmp_path / "cache",
-                      classifier=TINY_CLASSIFIER, progress_bar=False, log_reference=False)
+    fid = FIDCallback(
+        num_samples=10,
+        batch_size=10,
+        every_n_epochs=1,
+        cache_dir=tmp_path / "cache",
+        classifier=TINY_CLASSIFIER,
+        progress_bar=False,
+        log_reference=False,
+    )
     ema = WeightAveraging()
     trainer = fit([fid, ema], model, dm, tmp_path, max_epochs=2)
     # FID sampled with the averaged weight (copied into the model at the end of training), not with

@@ -98,7 +98,8 @@ def same_batch_loader(batch, n: int) -> DataLoader:
 
 
 @pytest.mark.parametrize(
-    "size, lo, hi", [("tiny", 5_000, 100_000), ("small", 1_000_000, 5_000_000), ("base", 5_000_000, 50_000_000)]
+    "size, lo, hi",
+    [("tiny", 5_000, 100_000), ("small", 1_000_000, 5_000_000), ("base", 5_000_000, 50_000_000)],
 )
 def test_size_configs_instantiate(size, lo, hi, tmp_path):
     cfg = compose_config([f"model/diffusion={size}"], tmp_path)  # MNIST-5k 32x32, KL f=4
@@ -110,7 +111,9 @@ def test_size_configs_instantiate(size, lo, hi, tmp_path):
     assert lo < sum(p.numel() for p in model.unet.parameters()) < hi
     optimizer = model.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
-    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.unet.parameters()}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in model.unet.parameters()
+    }
 
 
 def test_bad_settings_raise(tmp_path):
@@ -150,15 +153,25 @@ def trained(tmp_path_factory):
     unet_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     loss_before = fixed_loss(model, batch)
     quiet_trainer(tmp_path, max_steps=30).fit(model, train_dataloaders=same_batch_loader(batch, 30))
-    return dict(model=model, batch=batch, ae_before=ae_before, unet_before=unet_before,
-                loss_before=loss_before, loss_after=fixed_loss(model, batch))
+    return dict(
+        model=model,
+        batch=batch,
+        ae_before=ae_before,
+        unet_before=unet_before,
+        loss_before=loss_before,
+        loss_after=fixed_loss(model, batch),
+    )
 
 
 def test_training_steps_lower_the_loss(trained):
     # eps-prediction starts at exactly E[noise^2] (zero output conv) and must fall clearly.
     assert 0.8 < trained["loss_before"] < 1.2
     assert trained["loss_after"] < 0.75 * trained["loss_before"]
-    changed = [k for k, v in trained["model"].unet.state_dict().items() if not torch.equal(v, trained["unet_before"][k])]
+    changed = [
+        k
+        for k, v in trained["model"].unet.state_dict().items()
+        if not torch.equal(v, trained["unet_before"][k])
+    ]
     assert changed
 
 
@@ -200,15 +213,24 @@ def test_cond_drop_prob_one_ignores_the_label(tmp_path):
     seen = []
 
     def run(cond_drop_prob: float, b) -> torch.Tensor:
-        model = make_model(tiny_cfg(tmp_path, f"model.diffusion.cond_drop_prob={cond_drop_prob}"),
-                           make_autoencoder(cfg), randomize=True)
-        model.unet.register_forward_hook(lambda m, args, out: seen.append((args[2].clone(), out.detach())))
+        model = make_model(
+            tiny_cfg(tmp_path, f"model.diffusion.cond_drop_prob={cond_drop_prob}"),
+            make_autoencoder(cfg),
+            randomize=True,
+        )
+        model.unet.register_forward_hook(
+            lambda m, args, out: seen.append((args[2].clone(), out.detach()))
+        )
         return model.training_step(b, batch_idx=5).detach()
 
     assert torch.equal(run(1.0, batch), run(1.0, other))
-    assert torch.equal(seen[0][0], torch.full((8,), 10)) and torch.equal(seen[1][0], torch.full((8,), 10))
+    assert torch.equal(seen[0][0], torch.full((8,), 10)) and torch.equal(
+        seen[1][0], torch.full((8,), 10)
+    )
     assert torch.equal(seen[0][1], seen[1][1])  # identical UNet outputs: the label never reached it
-    assert not torch.allclose(run(0.0, batch), run(0.0, other))  # ... while without dropout it matters
+    assert not torch.allclose(
+        run(0.0, batch), run(0.0, other)
+    )  # ... while without dropout it matters
 
 
 @pytest.mark.filterwarnings("ignore:.*self.log.*")
@@ -227,7 +249,9 @@ def test_validation_logs_loss_and_grid_and_is_repeatable(tmp_path):
     cfg = tiny_cfg(tmp_path)
     model = make_model(cfg, make_autoencoder(cfg), randomize=True)
     dm = hydra.utils.instantiate(cfg.data)
-    t = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=2, limit_test_batches=2)
+    t = quiet_trainer(
+        tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=2, limit_test_batches=2
+    )
     t.fit(model, datamodule=dm)
     assert "train/loss" in t.callback_metrics and "val/loss" in t.callback_metrics
     grids = sorted((tmp_path / "images").glob("val_samples_*.png"))
@@ -251,7 +275,9 @@ def test_latent_cache_gives_the_same_batches_as_encoding(tmp_path):
     latents_dm = latent_cache_datamodule(ae, ckpt, images_dm, tmp_path / "cache")
     latents_dm.setup()
     files = list((tmp_path / "cache").glob("*.pt"))
-    assert len(files) == 1 and files[0].stem == latent_cache_key(ckpt, "full", images_dm.fingerprint())
+    assert len(files) == 1 and files[0].stem == latent_cache_key(
+        ckpt, "full", images_dm.fingerprint()
+    )
     payload = torch.load(files[0], weights_only=True)
     assert payload["latents"].shape == (len(images_dm.full_dataset), 4, 4, 4)
     assert payload["latents"].dtype == torch.float32 and payload["labels"].dtype == torch.long
@@ -277,15 +303,21 @@ def test_latent_cache_is_reused_and_rebuilt_for_a_new_checkpoint(tmp_path, monke
     monkeypatch.setattr(ae, "encode", lambda x: calls.append(len(x)) or original(x))
     ckpt = tmp_path / "stage1.ckpt"
     torch.save(ae.state_dict(), ckpt)
-    first = build_latent_cache(ae, loader, tmp_path, latent_cache_key(ckpt, "full", dm.fingerprint()))
+    first = build_latent_cache(
+        ae, loader, tmp_path, latent_cache_key(ckpt, "full", dm.fingerprint())
+    )
     n_calls = len(calls)
     assert sum(calls) == 100
-    again = build_latent_cache(ae, loader, tmp_path, latent_cache_key(ckpt, "full", dm.fingerprint()))
+    again = build_latent_cache(
+        ae, loader, tmp_path, latent_cache_key(ckpt, "full", dm.fingerprint())
+    )
     assert again == first and len(calls) == n_calls  # reused, not re-encoded
     with torch.no_grad():
         ae.decoder.conv_out.bias.add_(1.0)  # "retrained" stage 1: a new checkpoint file
     torch.save(ae.state_dict(), ckpt)
-    rebuilt = build_latent_cache(ae, loader, tmp_path, latent_cache_key(ckpt, "full", dm.fingerprint()))
+    rebuilt = build_latent_cache(
+        ae, loader, tmp_path, latent_cache_key(ckpt, "full", dm.fingerprint())
+    )
     assert rebuilt != first and rebuilt.is_file() and len(calls) == 2 * n_calls
 
 
@@ -298,7 +330,9 @@ def test_sample_shape_range_and_reproducibility(tmp_path):
     labels = torch.tensor([0, 1, 2, 3, 9, 9])
 
     def draw(seed, **kw):
-        return model.sample(6, class_labels=labels, generator=torch.Generator().manual_seed(seed), **kw)
+        return model.sample(
+            6, class_labels=labels, generator=torch.Generator().manual_seed(seed), **kw
+        )
 
     a = draw(1, guidance_scale=3.0)
     assert a.shape == (6, 1, 16, 16) and a.min() >= -1 and a.max() <= 1
@@ -322,7 +356,9 @@ def test_sample_rejects_bad_labels(tmp_path):
         model.sample(2, class_labels=torch.tensor([1, 10]))
     with pytest.raises(ValueError, match="guidance_scale"):
         model.sample(2, guidance_scale=2.0)
-    uncond = make_model(tiny_cfg(tmp_path, "model.diffusion.unet.num_classes=null"), make_autoencoder(cfg))
+    uncond = make_model(
+        tiny_cfg(tmp_path, "model.diffusion.unet.num_classes=null"), make_autoencoder(cfg)
+    )
     assert uncond.sample(1).shape == (1, 1, 16, 16)
     with pytest.raises(ValueError, match="unconditional"):
         uncond.sample(2, class_labels=1)
@@ -332,9 +368,14 @@ def test_checkpoint_alone_reloads_and_samples_identically(tmp_path):
     cfg = tiny_cfg(tmp_path)
     model = make_model(cfg, make_autoencoder(cfg))
     batch = image_batch(cfg)
-    resolved = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                for k, v in cfg.items() if k != "hydra"}  # as ldm.train stores it
-    t = quiet_trainer(tmp_path, max_steps=5, callbacks=[StoreConfigInCheckpoint("diffusion", resolved)])
+    resolved = {
+        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        for k, v in cfg.items()
+        if k != "hydra"
+    }  # as ldm.train stores it
+    t = quiet_trainer(
+        tmp_path, max_steps=5, callbacks=[StoreConfigInCheckpoint("diffusion", resolved)]
+    )
     t.fit(model, train_dataloaders=same_batch_loader(batch, 5))
     path = tmp_path / "stage2.ckpt"
     t.save_checkpoint(path)
@@ -390,7 +431,10 @@ def test_ema_warmup_matches_the_closed_form_recursion():
         d = min(0.95, (1 + n) / (10 + n))
         expected = d * expected + (1 - d) * w.double()
     torch.testing.assert_close(run_ema(weights, decay=0.95).double(), expected, rtol=0, atol=1e-6)
-    assert float(ema_decay_at(8990, 0.999)) == pytest.approx(0.999) and float(ema_decay_at(100, 0.999)) < 0.92
+    assert (
+        float(ema_decay_at(8990, 0.999)) == pytest.approx(0.999)
+        and float(ema_decay_at(100, 0.999)) < 0.92
+    )
 
 
 def test_ema_without_warmup_equals_torchs_ema():
@@ -401,7 +445,9 @@ def test_ema_without_warmup_equals_torchs_ema():
     )
     for w in weights:
         reference.update_parameters(_module_with(w))
-    assert torch.equal(run_ema(weights, decay=0.9, warmup=False), reference.module.weight.detach().view(-1))
+    assert torch.equal(
+        run_ema(weights, decay=0.9, warmup=False), reference.module.weight.detach().view(-1)
+    )
 
 
 def test_ema_warmup_forgets_the_first_weights_of_a_short_run():
@@ -411,7 +457,9 @@ def test_ema_warmup_forgets_the_first_weights_of_a_short_run():
     plain = run_ema([first, *rest], decay=0.999, warmup=False).item()
     warm = run_ema([first, *rest], decay=0.999).item()
     assert plain == pytest.approx(0.999**874, rel=1e-4, abs=0) and plain > 0.4
-    assert warm == pytest.approx(math.factorial(10) * math.factorial(875) / math.factorial(884), rel=1e-4, abs=0)
+    assert warm == pytest.approx(
+        math.factorial(10) * math.factorial(875) / math.factorial(884), rel=1e-4, abs=0
+    )
     assert warm < 1e-19
 
 
@@ -438,14 +486,26 @@ def test_ema_resume_is_exact_and_validation_uses_ema(tmp_path):
     def run(name: str, max_epochs: int, ckpt_path=None):
         model = make_model(cfg, make_autoencoder(cfg))
         original = model.sample
-        model.sample = lambda *a, **k: sampled_with.append(model.unet.conv_out.weight.clone()) or original(*a, **k)
+        model.sample = lambda *a, **k: (
+            sampled_with.append(model.unet.conv_out.weight.clone()) or original(*a, **k)
+        )
         # save_top_k=1 makes last.ckpt be written each epoch. (With save_top_k=0 it is written only
         # in on_train_end, after WeightAveraging copied the EMA into the raw weights: not resumable.)
-        ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / name, save_last=True, save_top_k=1)
-        t = quiet_trainer(tmp_path / name, max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=1,
-                    enable_checkpointing=True, callbacks=[ema_callback(), ckpt_cb])
+        ckpt_cb = pl.callbacks.ModelCheckpoint(
+            dirpath=tmp_path / name, save_last=True, save_top_k=1
+        )
+        t = quiet_trainer(
+            tmp_path / name,
+            max_epochs=max_epochs,
+            limit_train_batches=3,
+            limit_val_batches=1,
+            enable_checkpointing=True,
+            callbacks=[ema_callback(), ckpt_cb],
+        )
         torch.manual_seed(1234)  # global RNG differs between the runs below; results must not
-        t.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+        t.fit(
+            model, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path
+        )
         return torch.load(tmp_path / name / "last.ckpt", weights_only=True), model
 
     straight, _ = run("straight", 4)
@@ -456,12 +516,17 @@ def test_ema_resume_is_exact_and_validation_uses_ema(tmp_path):
         assert straight[key].keys() == resumed[key].keys()
         for name in straight[key]:
             assert torch.equal(straight[key][name], resumed[key][name]), (key, name)
-    for a, b in zip(straight["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
+    for a, b in zip(
+        straight["optimizer_states"][0]["state"].values(),
+        resumed["optimizer_states"][0]["state"].values(),
+    ):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight["global_step"] == resumed["global_step"] == 12
 
     ema, raw = straight["state_dict"], straight["current_model_state"]
     assert not torch.equal(ema["unet.conv_out.weight"], raw["unet.conv_out.weight"])
-    assert torch.equal(sampled_with[-1], resumed["state_dict"]["unet.conv_out.weight"])  # val used EMA
+    assert torch.equal(
+        sampled_with[-1], resumed["state_dict"]["unet.conv_out.weight"]
+    )  # val used EMA
     for state in (ema, raw, first["state_dict"], model.state_dict()):
         assert all(torch.equal(state[f"autoencoder.{k}"], v) for k, v in ae_state.items())

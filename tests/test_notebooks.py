@@ -37,7 +37,13 @@ def repo_outputs() -> dict[str, float]:
     for name in REPO_OUTPUTS:
         root = ROOT / name
         if root.is_dir():
-            found.update({str(p): p.stat().st_mtime for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts})
+            found.update(
+                {
+                    str(p): p.stat().st_mtime
+                    for p in root.rglob("*")
+                    if p.is_file() and "__pycache__" not in p.parts
+                }
+            )
     return found
 
 
@@ -48,10 +54,14 @@ def execute(name: str, tmp_path: Path, probe: str) -> tuple[nbformat.NotebookNod
     nb = nbformat.read(NB_DIR / name, as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     params.source += f"\nWORK_DIR = {str(tmp_path / 'work')!r}  # injected by the test\n"
-    nb.cells.append(nbformat.v4.new_code_cell(f"import json\nprint('PROBE ' + json.dumps({probe}))"))
+    nb.cells.append(
+        nbformat.v4.new_code_cell(f"import json\nprint('PROBE ' + json.dumps({probe}))")
+    )
     before = repo_outputs()
     # cwd is tmp_path too, so even a relative path written by mistake lands there.
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     assert repo_outputs() == before, "the notebook wrote into the repository"
     text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
     return nb, json.loads(text.split("PROBE ", 1)[1])
@@ -59,14 +69,19 @@ def execute(name: str, tmp_path: Path, probe: str) -> tuple[nbformat.NotebookNod
 
 def count_images(nb: nbformat.NotebookNode) -> int:
     return sum(
-        "image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs
+        "image/png" in o.get("data", {})
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
     )
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_committed_notebook_is_generated_and_stripped(name):
     text = (NB_DIR / name).read_text()
-    assert text == builder().render(name), f"notebooks/{name} differs from build_notebooks.py; rebuild it"
+    assert text == builder().render(name), (
+        f"notebooks/{name} differs from build_notebooks.py; rebuild it"
+    )
     nb = nbformat.reads(text, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
@@ -99,11 +114,15 @@ def test_tour_runs_on_quick_settings(tmp_path):
     assert out["grid_shapes"] == [[30, 1, 32, 32]] * 3
     assert out["trajectory"] == [4 * 8, 1, 32, 32]  # 4 samples x 8 steps
     assert [(r["sampler"], r["nfe"]) for r in out["rows"]] == [
-        *[("ddim", n) for n in (2, 4, 8)], *[("dpm_solver", n) for n in (2, 4, 8)], ("ddpm", 100)
+        *[("ddim", n) for n in (2, 4, 8)],
+        *[("dpm_solver", n) for n in (2, 4, 8)],
+        ("ddpm", 100),
     ]
     assert out["N"] == 100
     assert 0 <= out["floor"] < 100  # held-out real digits against the train split
-    assert all(math.isfinite(r["fid"]) and r["fid"] > out["floor"] for r in out["rows"])  # untrained model
+    assert all(
+        math.isfinite(r["fid"]) and r["fid"] > out["floor"] for r in out["rows"]
+    )  # untrained model
     assert all(0 <= r["cas"] <= 1 for r in out["rows"])
 
 
@@ -130,6 +149,13 @@ def test_inspect_run_reads_a_fresh_run(tmp_path):
         for key in ("train/loss", "val/loss"):
             assert wandb_metrics[stage][key] == pytest.approx(series[key], rel=1e-6)
     assert out["grids"] == {
-        "val_reconstructions": ["val_reconstructions_0000003.png", "val_reconstructions_0000006.png"],
-        "val_samples": ["val_samples_0000003.png", "val_samples_0000006.png", "val_samples_0000009.png"],
+        "val_reconstructions": [
+            "val_reconstructions_0000003.png",
+            "val_reconstructions_0000006.png",
+        ],
+        "val_samples": [
+            "val_samples_0000003.png",
+            "val_samples_0000006.png",
+            "val_samples_0000009.png",
+        ],
     }

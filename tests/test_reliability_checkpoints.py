@@ -34,7 +34,12 @@ class WriteFileOnLoad:
 def tiny_autoencoder_config(num_channels: int = 1, image_size: int = 16) -> dict:
     """The real conf/model/autoencoder/kl.yaml, shrunk, inside the resolved run config a checkpoint stores."""
     ae = OmegaConf.load(CONF_DIR / "model" / "autoencoder" / "kl.yaml")
-    ae.encoder.ch, ae.encoder.ch_mult, ae.encoder.mid_attention, ae.latent_channels = 8, [1, 2], False, 2
+    ae.encoder.ch, ae.encoder.ch_mult, ae.encoder.mid_attention, ae.latent_channels = (
+        8,
+        [1, 2],
+        False,
+        2,
+    )
     cfg = OmegaConf.create({"data": {"num_channels": num_channels, "image_size": image_size}})
     cfg.model = {"autoencoder": ae}
     return OmegaConf.to_container(cfg, resolve=True)
@@ -47,7 +52,9 @@ def ae_ckpt(tmp_path):
     torch.manual_seed(0)
     ae = safe_instantiate(config["model"]["autoencoder"])
     path = tmp_path / "ae.ckpt"
-    torch.save({"state_dict": ae.state_dict(), "ldm": {"stage": "autoencoder", "config": config}}, path)
+    torch.save(
+        {"state_dict": ae.state_dict(), "ldm": {"stage": "autoencoder", "config": config}}, path
+    )
     return path, ae
 
 
@@ -59,8 +66,14 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 
 def test_pickled_payload_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned.txt"
-    torch.save({"state_dict": {}, "ldm": {"stage": "autoencoder", "config": {}}, "x": WriteFileOnLoad(marker)},
-               tmp_path / "evil.ckpt")
+    torch.save(
+        {
+            "state_dict": {},
+            "ldm": {"stage": "autoencoder", "config": {}},
+            "x": WriteFileOnLoad(marker),
+        },
+        tmp_path / "evil.ckpt",
+    )
     with pytest.raises(UserError) as err:
         load_checkpoint(tmp_path / "evil.ckpt")
     assert "holds pickled objects other than tensors and plain data (GLOBAL" in one_line(err)
@@ -69,8 +82,14 @@ def test_pickled_payload_is_refused_and_never_runs(tmp_path):
     # resuming a run (`ckpt_path=`: Lightning reads through the CheckpointIO) is guarded the same way
     from pytorch_lightning.demos.boring_classes import BoringModel
 
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
-                         plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(UserError, match="holds pickled objects"):
         trainer.fit(BoringModel(), ckpt_path=tmp_path / "evil.ckpt")
     assert not marker.exists()
@@ -83,13 +102,33 @@ def test_pickled_payload_is_refused_and_never_runs(tmp_path):
     ("name", "make", "expected"),
     [
         ("missing", None, "does not exist"),
-        ("truncated", "truncate", "is truncated or not a torch checkpoint (PytorchStreamReader failed reading zip archive: failed finding central directory)"),
+        (
+            "truncated",
+            "truncate",
+            "is truncated or not a torch checkpoint (PytorchStreamReader failed reading zip archive: failed finding central directory)",
+        ),
         ("empty", b"", "is truncated or not a torch checkpoint (file is empty)"),
-        ("text", b"model weights: see attached\n", "is truncated or not a torch checkpoint (unknown format)"),
+        (
+            "text",
+            b"model weights: see attached\n",
+            "is truncated or not a torch checkpoint (unknown format)",
+        ),
         ("text2", b"hello\n", "is truncated or not a torch checkpoint (unknown format)"),
-        ("foreign", {"weights": torch.randn(3)}, "is not an ldm checkpoint (no 'state_dict'/'ldm' entries)"),
-        ("lightning", {"state_dict": {}, "ldm": "x"}, "is not an ldm checkpoint (its 'ldm' entry has no config)"),
-        ("stage", {"state_dict": {}, "ldm": {"stage": "gan", "config": {}}}, "names an unknown stage 'gan'"),
+        (
+            "foreign",
+            {"weights": torch.randn(3)},
+            "is not an ldm checkpoint (no 'state_dict'/'ldm' entries)",
+        ),
+        (
+            "lightning",
+            {"state_dict": {}, "ldm": "x"},
+            "is not an ldm checkpoint (its 'ldm' entry has no config)",
+        ),
+        (
+            "stage",
+            {"state_dict": {}, "ldm": {"stage": "gan", "config": {}}},
+            "names an unknown stage 'gan'",
+        ),
     ],
 )
 def test_bad_checkpoint_files_give_one_line(tmp_path, ae_ckpt, name, make, expected):
@@ -109,7 +148,9 @@ def test_bad_checkpoint_files_give_one_line(tmp_path, ae_ckpt, name, make, expec
 def test_wrong_stage_is_named(ae_ckpt):
     with pytest.raises(UserError) as err:
         load_checkpoint(ae_ckpt[0], expected_stage="diffusion")
-    assert "is a stage-1 (autoencoder) checkpoint; a diffusion checkpoint is needed" in one_line(err)
+    assert "is a stage-1 (autoencoder) checkpoint; a diffusion checkpoint is needed" in one_line(
+        err
+    )
 
 
 def test_load_autoencoder_roundtrip_and_strict_keys_and_shapes(tmp_path, ae_ckpt):
@@ -123,7 +164,9 @@ def test_load_autoencoder_roundtrip_and_strict_keys_and_shapes(tmp_path, ae_ckpt
     del missing[key]
     with pytest.raises(UserError) as err:
         load_state_strict(loaded, missing, path)
-    assert one_line(err).startswith(f"checkpoint {str(path)!r} does not fit the model its config describes")
+    assert one_line(err).startswith(
+        f"checkpoint {str(path)!r} does not fit the model its config describes"
+    )
     conv = "decoder.conv_out.weight"
     reshaped = {k: v[..., :1] if k == conv else v for k, v in ckpt["state_dict"].items()}
     with pytest.raises(UserError):
@@ -139,13 +182,20 @@ def test_load_autoencoder_roundtrip_and_strict_keys_and_shapes(tmp_path, ae_ckpt
     # a checkpoint whose config describes another architecture than its weights
     ckpt["ldm"]["config"]["model"]["autoencoder"]["encoder"]["ch"] = 16
     torch.save(ckpt, tmp_path / "other.ckpt")
-    with pytest.raises(UserError, match=r"'.*other\.ckpt' does not fit the model its config describes"):
+    with pytest.raises(
+        UserError, match=r"'.*other\.ckpt' does not fit the model its config describes"
+    ):
         load_autoencoder(tmp_path / "other.ckpt")
 
 
 @pytest.mark.parametrize(
     "target",
-    ["os.system", "ldm.utils.instantiate.os.system", "torch.nn.modules.module.torch.load", "builtins.exec"],
+    [
+        "os.system",
+        "ldm.utils.instantiate.os.system",
+        "torch.nn.modules.module.torch.load",
+        "builtins.exec",
+    ],
 )
 def test_stored_target_outside_allowlist_is_refused_and_not_run(tmp_path, target):
     marker = tmp_path / "ran"
@@ -157,8 +207,10 @@ def test_stored_target_outside_allowlist_is_refused_and_not_run(tmp_path, target
 
 
 def test_stored_config_checks(tmp_path):
-    assert isinstance(safe_instantiate({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}),
-                      torch.nn.Linear)
+    assert isinstance(
+        safe_instantiate({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}),
+        torch.nn.Linear,
+    )
     with pytest.raises(UserError, match=r"_target_='ldm.nope.Thing', which does not exist"):
         safe_instantiate({"_target_": "ldm.nope.Thing"})
     with pytest.raises(UserError, match=r"holds an interpolation at a.name='\$\{oc.env:HOME\}'"):
@@ -168,7 +220,10 @@ def test_stored_config_checks(tmp_path):
 def test_hostile_target_inside_a_checkpoint_is_refused(tmp_path, ae_ckpt):
     marker = tmp_path / "ran"
     ckpt = read_torch_file(ae_ckpt[0])
-    ckpt["ldm"]["config"]["model"]["autoencoder"] = {"_target_": "os.system", "_args_": [f"touch {marker}"]}
+    ckpt["ldm"]["config"]["model"]["autoencoder"] = {
+        "_target_": "os.system",
+        "_args_": [f"touch {marker}"],
+    }
     torch.save(ckpt, tmp_path / "hostile.ckpt")
     with pytest.raises(UserError, match=r"checkpoint '.*hostile\.ckpt' names _target_='os.system'"):
         load_autoencoder(tmp_path / "hostile.ckpt")
@@ -212,17 +267,28 @@ def test_trainer_save_goes_through_the_atomic_writer(tmp_path, monkeypatch):
     from pytorch_lightning.demos.boring_classes import BoringModel
 
     model = BoringModel()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model)
     last = tmp_path / "last.ckpt"
     trainer.save_checkpoint(last)
     good = last.read_bytes()
     replaced = []
     real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append((src, dst)), real_replace(src, dst)))
+    monkeypatch.setattr(
+        os, "replace", lambda src, dst: (replaced.append((src, dst)), real_replace(src, dst))
+    )
     trainer.save_checkpoint(last)
-    assert pathlib.Path(replaced[0][0]).parent == tmp_path  # temp file next to the target: same filesystem
+    assert (
+        pathlib.Path(replaced[0][0]).parent == tmp_path
+    )  # temp file next to the target: same filesystem
     monkeypatch.setattr(torch, "save", half_then_fail)
     with pytest.raises(OSError, match="No space left"):
         trainer.save_checkpoint(last)
@@ -238,7 +304,9 @@ def test_atomic_write_cleans_up_after_an_exception(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "out.bin", explode)
-    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"] and (tmp_path / "out.bin").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"] and (
+        tmp_path / "out.bin"
+    ).read_bytes() == b"old"
 
 
 def test_safetensors_export_roundtrip(tmp_path, ae_ckpt):
@@ -252,7 +320,9 @@ def test_safetensors_export_roundtrip(tmp_path, ae_ckpt):
         load_safetensors_export(out, expected_stage="diffusion")
     data = out.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match=r"'.*cut\.safetensors' is truncated or not a safetensors file"):
+    with pytest.raises(
+        UserError, match=r"'.*cut\.safetensors' is truncated or not a safetensors file"
+    ):
         load_safetensors_export(tmp_path / "cut.safetensors")
     from safetensors.torch import save_file
 
@@ -271,15 +341,27 @@ def test_export_cli(tmp_path, ae_ckpt, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "text.ckpt"), str(tmp_path / "x.safetensors")])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and not (tmp_path / "x.safetensors").exists()
-    assert err == f"error: checkpoint {str(tmp_path / 'text.ckpt')!r} is truncated or not a torch checkpoint (unknown format)\n"
+    assert (
+        exit_info.value.code == 2
+        and err.count("\n") == 1
+        and not (tmp_path / "x.safetensors").exists()
+    )
+    assert (
+        err
+        == f"error: checkpoint {str(tmp_path / 'text.ckpt')!r} is truncated or not a torch checkpoint (unknown format)\n"
+    )
 
 
 @pytest.mark.slow
 def test_export_as_python_module(tmp_path, ae_ckpt):
     out = tmp_path / "o.safetensors"
-    run = subprocess.run([sys.executable, "-m", "ldm.utils.export", str(ae_ckpt[0]), str(out)],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    run = subprocess.run(
+        [sys.executable, "-m", "ldm.utils.export", str(ae_ckpt[0]), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert run.returncode == 0 and run.stdout.startswith(f"wrote {out}") and out.is_file()
 
 
@@ -288,15 +370,23 @@ def test_safetensors_export_of_a_stage2_checkpoint(tmp_path):
     from tests.conftest import compose_config
 
     cfg = compose_config(["debug=fast"], tmp_path)
-    config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    config = OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+    )
     torch.manual_seed(0)
     ae = safe_instantiate(config["model"]["autoencoder"])
-    model = safe_instantiate({k: v for k, v in config["model"]["diffusion"].items() if k != "latent_cache"},
-                             autoencoder=ae)
-    torch.save({"state_dict": model.state_dict(), "ldm": {"stage": "diffusion", "config": config}},
-               tmp_path / "ld.ckpt")
+    model = safe_instantiate(
+        {k: v for k, v in config["model"]["diffusion"].items() if k != "latent_cache"},
+        autoencoder=ae,
+    )
+    torch.save(
+        {"state_dict": model.state_dict(), "ldm": {"stage": "diffusion", "config": config}},
+        tmp_path / "ld.ckpt",
+    )
     from_ckpt, _ = load_latent_diffusion(tmp_path / "ld.ckpt")
-    loaded = load_safetensors_export(export_safetensors(tmp_path / "ld.ckpt", tmp_path / "ld.safetensors"))
+    loaded = load_safetensors_export(
+        export_safetensors(tmp_path / "ld.ckpt", tmp_path / "ld.safetensors")
+    )
     assert type(loaded) is type(model)
     for key, value in from_ckpt.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
@@ -309,9 +399,16 @@ def test_resume_reads_lightning_checkpoints_weights_only(tmp_path):
     from pytorch_lightning.demos.boring_classes import BoringModel
 
     def trainer(max_steps):
-        return pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False, plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path,
-                          callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)])
+        return pl.Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            plugins=[AtomicCheckpointIO()],
+            default_root_dir=tmp_path,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)],
+        )
 
     trainer(2).fit(BoringModel())
     resumed = trainer(4)

@@ -28,7 +28,9 @@ def refused(overrides: list[str], tmp_path) -> str:
 def stored_config(tmp_path_factory) -> dict:
     """The resolved `debug=fast` config, as StoreConfigInCheckpoint stores it."""
     cfg = compose_config(["debug=fast"], tmp_path_factory.mktemp("stored"))
-    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    return OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+    )
 
 
 def stage1_checkpoint(tmp_path, stored: dict, edits: dict, stage: str = "autoencoder"):
@@ -45,16 +47,26 @@ def stage1_checkpoint(tmp_path, stored: dict, edits: dict, stage: str = "autoenc
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["debug=fast"], ["model/autoencoder=vq"], ["data=digits"],
-     *[[f"experiment={name}"] for name in group_options(CONF_DIR, "experiment")]],
+    [
+        [],
+        ["debug=fast"],
+        ["model/autoencoder=vq"],
+        ["data=digits"],
+        *[[f"experiment={name}"] for name in group_options(CONF_DIR, "experiment")],
+    ],
 )
 def test_shipped_configs_pass(tmp_path, overrides):
     validate_config(compose_config(overrides, tmp_path))
 
 
 def test_unknown_group_option_exits_2_with_one_line():
-    run = subprocess.run([sys.executable, "train.py", "data=nope"], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    run = subprocess.run(
+        [sys.executable, "train.py", "data=nope"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert run.returncode == 2
     assert run.stderr == (
         "error: data='nope' is not an option of 'data'; choose one of: "
@@ -66,12 +78,29 @@ def test_per_stage_keys_can_be_added_without_a_plus():
     """`stage_trainer.<stage>` / `stage_data.<stage>` hold only what differs per stage; setting a
     key they do not list yet must work as typed (Hydra alone says "not in struct")."""
     assert open_section_overrides(
-        ["stage_data.diffusion.batch_size=64", "++stage_trainer.diffusion.max_epochs=2", "data.batch_size=8"]
-    ) == ["++stage_data.diffusion.batch_size=64", "++stage_trainer.diffusion.max_epochs=2", "data.batch_size=8"]
+        [
+            "stage_data.diffusion.batch_size=64",
+            "++stage_trainer.diffusion.max_epochs=2",
+            "data.batch_size=8",
+        ]
+    ) == [
+        "++stage_data.diffusion.batch_size=64",
+        "++stage_trainer.diffusion.max_epochs=2",
+        "data.batch_size=8",
+    ]
     run = subprocess.run(
-        [sys.executable, "train.py", "stage_data.diffusion.batch_size=64",
-         "stage_trainer.diffusion.gradient_clip_val=0.5", "--cfg", "job"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [
+            sys.executable,
+            "train.py",
+            "stage_data.diffusion.batch_size=64",
+            "stage_trainer.diffusion.gradient_clip_val=0.5",
+            "--cfg",
+            "job",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert run.returncode == 0, run.stderr
     cfg = OmegaConf.create(run.stdout)
@@ -83,34 +112,63 @@ def test_per_stage_keys_can_be_added_without_a_plus():
     ("overrides", "expected"),
     [
         (["stage=both"], "stage='both' is not one of all|autoencoder|diffusion"),
-        (["data=image_folder"], "data.root is required but not set: add data.root=VALUE to the command line"),
-        (["+model.diffusion.unet.extra=${nope}"], "model.diffusion.unet.extra: Interpolation key 'nope' not found"),
-        (["debug=fast", "model.diffusion.unet.in_channels=3"],
-         "model.diffusion.unet.in_channels=3 but the autoencoder has latent_channels=4; set model.diffusion.unet.in_channels=4"),
-        (["model.diffusion.unet.out_channels=8"],
-         "model.diffusion.unet.out_channels=8 but the autoencoder has latent_channels=4; set model.diffusion.unet.out_channels=4"),
-        (["data.image_size=30"],
-         "data.image_size=30 is not divisible by the autoencoder's downsampling factor 4 (its encoder.ch_mult has 3 "
-         "levels); use a multiple of 4, e.g. 28, 32, 36"),
-        (["model.diffusion.unet.channel_mult=[1,2,2,2,2]"],
-         "model.diffusion.unet.channel_mult=[1, 2, 2, 2, 2] halves the 8x8 latents 4 times, which needs a multiple "
-         "of 16; use fewer levels or a data.image_size that is a multiple of 64"),
+        (
+            ["data=image_folder"],
+            "data.root is required but not set: add data.root=VALUE to the command line",
+        ),
+        (
+            ["+model.diffusion.unet.extra=${nope}"],
+            "model.diffusion.unet.extra: Interpolation key 'nope' not found",
+        ),
+        (
+            ["debug=fast", "model.diffusion.unet.in_channels=3"],
+            "model.diffusion.unet.in_channels=3 but the autoencoder has latent_channels=4; set model.diffusion.unet.in_channels=4",
+        ),
+        (
+            ["model.diffusion.unet.out_channels=8"],
+            "model.diffusion.unet.out_channels=8 but the autoencoder has latent_channels=4; set model.diffusion.unet.out_channels=4",
+        ),
+        (
+            ["data.image_size=30"],
+            "data.image_size=30 is not divisible by the autoencoder's downsampling factor 4 (its encoder.ch_mult has 3 "
+            "levels); use a multiple of 4, e.g. 28, 32, 36",
+        ),
+        (
+            ["model.diffusion.unet.channel_mult=[1,2,2,2,2]"],
+            "model.diffusion.unet.channel_mult=[1, 2, 2, 2, 2] halves the 8x8 latents 4 times, which needs a multiple "
+            "of 16; use fewer levels or a data.image_size that is a multiple of 64",
+        ),
         (["stage=diffusion"], "stage=diffusion needs autoencoder_ckpt=PATH (a stage-1 checkpoint)"),
-        (["stage=diffusion", "autoencoder_ckpt=/no/such.ckpt"],
-         "autoencoder_ckpt='/no/such.ckpt' does not exist; give a stage-1 checkpoint file"),
-        (["autoencoder_ckpt=/no/such.ckpt"],
-         "autoencoder_ckpt='/no/such.ckpt' is used only with stage=diffusion; stage=all trains a new autoencoder "
-         "(drop autoencoder_ckpt or set stage=diffusion)"),
-        (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt' does not exist; give a checkpoint file, `last`, or null"),
-        (["trainer.gradient_clip_val=1.0"],
-         "trainer.gradient_clip_val=1.0 does not apply to the autoencoder (it steps its own optimizers); set "
-         "model.autoencoder.grad_clip=1.0 and stage_trainer.diffusion.gradient_clip_val=1.0 instead"),
-        (["data=image_folder", "data.root=/tmp", "data.source.mode=L"],
-         "data.num_channels=3 but data.source.mode=L gives 1; set data.num_channels=1"),
-        (["data=image_folder", "data.root=/tmp", "model.diffusion.unet.num_classes=10"],
-         "model.diffusion.unet.num_classes=10 but data.name=image_folder has no labels; set model.diffusion.unet.num_classes=null"),
-        (["model.diffusion.unet.num_classes=5"],
-         "model.diffusion.unet.num_classes=5 but data.num_classes=10; set model.diffusion.unet.num_classes=10"),
+        (
+            ["stage=diffusion", "autoencoder_ckpt=/no/such.ckpt"],
+            "autoencoder_ckpt='/no/such.ckpt' does not exist; give a stage-1 checkpoint file",
+        ),
+        (
+            ["autoencoder_ckpt=/no/such.ckpt"],
+            "autoencoder_ckpt='/no/such.ckpt' is used only with stage=diffusion; stage=all trains a new autoencoder "
+            "(drop autoencoder_ckpt or set stage=diffusion)",
+        ),
+        (
+            ["ckpt_path=/no/such.ckpt"],
+            "ckpt_path='/no/such.ckpt' does not exist; give a checkpoint file, `last`, or null",
+        ),
+        (
+            ["trainer.gradient_clip_val=1.0"],
+            "trainer.gradient_clip_val=1.0 does not apply to the autoencoder (it steps its own optimizers); set "
+            "model.autoencoder.grad_clip=1.0 and stage_trainer.diffusion.gradient_clip_val=1.0 instead",
+        ),
+        (
+            ["data=image_folder", "data.root=/tmp", "data.source.mode=L"],
+            "data.num_channels=3 but data.source.mode=L gives 1; set data.num_channels=1",
+        ),
+        (
+            ["data=image_folder", "data.root=/tmp", "model.diffusion.unet.num_classes=10"],
+            "model.diffusion.unet.num_classes=10 but data.name=image_folder has no labels; set model.diffusion.unet.num_classes=null",
+        ),
+        (
+            ["model.diffusion.unet.num_classes=5"],
+            "model.diffusion.unet.num_classes=5 but data.num_classes=10; set model.diffusion.unet.num_classes=10",
+        ),
     ],
 )
 def test_bad_settings_are_named(tmp_path, overrides, expected):
@@ -131,9 +189,18 @@ def test_stage1_checkpoint_of_another_image_size_or_channel_count(tmp_path, stor
 def test_stage2_checks_use_the_checkpoints_autoencoder(tmp_path, stored_config):
     """Stage 2 runs on the stored autoencoder: the UNet follows its latent_channels, not the default's."""
     ckpt = stage1_checkpoint(tmp_path, stored_config, {"model.autoencoder.latent_channels": 2})
-    validate_config(compose_config(["debug=fast", "stage=diffusion", f"autoencoder_ckpt={ckpt}"], tmp_path))
-    assert refused(["debug=fast", "stage=diffusion", f"autoencoder_ckpt={ckpt}", "model.diffusion.unet.in_channels=4"],
-                   tmp_path).startswith("model.diffusion.unet.in_channels=4 but the autoencoder has latent_channels=2")
+    validate_config(
+        compose_config(["debug=fast", "stage=diffusion", f"autoencoder_ckpt={ckpt}"], tmp_path)
+    )
+    assert refused(
+        [
+            "debug=fast",
+            "stage=diffusion",
+            f"autoencoder_ckpt={ckpt}",
+            "model.diffusion.unet.in_channels=4",
+        ],
+        tmp_path,
+    ).startswith("model.diffusion.unet.in_channels=4 but the autoencoder has latent_channels=2")
 
 
 def test_autoencoder_ckpt_of_the_wrong_kind(tmp_path, stored_config):

@@ -62,14 +62,20 @@ def test_broken_file_error_names_the_file(tmp_path, name):
     with pytest.raises(UserError) as err:
         dataset[0]
     message = str(err.value)
-    assert "\n" not in message and message.startswith(f"unreadable image file {str(tmp_path / name)!r}")
+    assert "\n" not in message and message.startswith(
+        f"unreadable image file {str(tmp_path / name)!r}"
+    )
 
 
 def test_broken_file_named_through_a_dataloader_worker(tmp_path):
     write_folder(tmp_path, good=0, bad={"truncated.png": broken_files()["truncated.png"]})
-    batches = iter(DataLoader(ImageFolder(str(tmp_path), image_size=16).build(), batch_size=1, num_workers=1))
+    batches = iter(
+        DataLoader(ImageFolder(str(tmp_path), image_size=16).build(), batch_size=1, num_workers=1)
+    )
     try:
-        with pytest.raises(UserError, match=r"unreadable image file '.*truncated\.png': image file is truncated"):
+        with pytest.raises(
+            UserError, match=r"unreadable image file '.*truncated\.png': image file is truncated"
+        ):
             next(batches)
     finally:
         batches._shutdown_workers()  # now, not at a later garbage collection (which waits for the worker)
@@ -85,7 +91,9 @@ def test_skip_corrupt_skips_counts_and_logs(tmp_path, caplog):
     assert "skipped 5 of 11 image files" in caplog.text
     batch = next(iter(DataLoader(dataset, batch_size=6)))
     assert batch["image"].shape == (6, 3, 16, 16)
-    assert ImageFolder(str(tmp_path), image_size=16).build().paths != dataset.paths  # default keeps all
+    assert (
+        ImageFolder(str(tmp_path), image_size=16).build().paths != dataset.paths
+    )  # default keeps all
 
 
 def test_skip_corrupt_through_the_data_config(tmp_path):
@@ -100,7 +108,9 @@ def test_skip_corrupt_through_the_data_config(tmp_path):
 
 def test_all_files_corrupt_or_folder_empty(tmp_path):
     write_folder(tmp_path / "bad", good=0, bad=broken_files())
-    with pytest.raises(UserError, match=r"holds no readable images: all 5 files failed \(first: unreadable"):
+    with pytest.raises(
+        UserError, match=r"holds no readable images: all 5 files failed \(first: unreadable"
+    ):
         ImageFolder(str(tmp_path / "bad"), image_size=16, skip_corrupt=True).build()
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "readme.txt").write_text("no images here")
@@ -136,7 +146,9 @@ def test_small_images_upscaled_with_a_warning_or_rejected(tmp_path, caplog):
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     write_folder(tmp_path, good=1)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 32 // 4)  # the 32x32 file is now a "bomb"
-    with pytest.raises(UserError, match=r"unreadable image file '.*good0\.png': Image size \(1024 pixels\)"):
+    with pytest.raises(
+        UserError, match=r"unreadable image file '.*good0\.png': Image size \(1024 pixels\)"
+    ):
         ImageFolder(str(tmp_path), image_size=16).build()[0]
 
 
@@ -157,22 +169,45 @@ def mode_files(root) -> dict[str, float]:
     Image.fromarray(np.dstack([ones * 255, ones * 0, ones * 0])).save(root / "RGB.png")  # red
     rgba = np.dstack([ones * 255] * 3 + [ones * 0])  # white but fully transparent -> black
     Image.fromarray(rgba, mode="RGBA").save(root / "RGBA.png")
-    Image.fromarray(np.dstack([ones * 255, ones * 255]), mode="LA").save(root / "LA.png")  # opaque white
+    Image.fromarray(np.dstack([ones * 255, ones * 255]), mode="LA").save(
+        root / "LA.png"
+    )  # opaque white
     pal = Image.fromarray(ones * 1, mode="P")
     pal.putpalette([0, 0, 255, 255, 255, 255] + [0] * 762)
     pal.save(root / "P.png", transparency=1)  # index 1 = white but transparent -> black
-    Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16)).save(root / "I16.png")  # 16-bit white
+    Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16)).save(
+        root / "I16.png"
+    )  # 16-bit white
     Image.fromarray(ones.astype(bool)).save(root / "bilevel.png")
-    Image.fromarray(np.dstack([ones * 0, ones * 0, ones * 0, ones * 255]), mode="CMYK").save(root / "CMYK.jpg")
+    Image.fromarray(np.dstack([ones * 0, ones * 0, ones * 0, ones * 255]), mode="CMYK").save(
+        root / "CMYK.jpg"
+    )
     luma_red = round(0.299 * 255) / 255 * 2 - 1
-    return {"L": 1.0, "RGB": luma_red, "RGBA": -1.0, "LA": 1.0, "P": -1.0, "I16": 1.0, "bilevel": 1.0, "CMYK": -1.0}
+    return {
+        "L": 1.0,
+        "RGB": luma_red,
+        "RGBA": -1.0,
+        "LA": 1.0,
+        "P": -1.0,
+        "I16": 1.0,
+        "bilevel": 1.0,
+        "CMYK": -1.0,
+    }
 
 
 def test_every_mode_converted_explicitly(tmp_path):
     expected = mode_files(tmp_path / "modes")
     opened = {p.stem: Image.open(p).mode for p in (tmp_path / "modes").iterdir()}
-    assert opened == {"L": "L", "RGB": "RGB", "RGBA": "RGBA", "LA": "LA", "P": "P", "I16": "I;16",
-                      "bilevel": "1", "CMYK": "CMYK"}
+    assert opened == {
+        "L": "L",
+        "RGB": "RGB",
+        "RGBA": "RGBA",
+        "LA": "LA",
+        "P": "P",
+        "I16": "I;16",
+        "bilevel": "1",
+        "CMYK": "CMYK",
+    }
     gray = ImageFolder(str(tmp_path / "modes"), image_size=16, mode="L").build()
     rgb = ImageFolder(str(tmp_path / "modes"), image_size=16, mode="RGB").build()
     for i, path in enumerate(gray.paths):
@@ -186,7 +221,9 @@ def test_every_mode_converted_explicitly(tmp_path):
     ramp = ImageFolder(str(tmp_path), image_size=16, mode="L").build()
     ramp.paths = [tmp_path / "ramp16.png"]
     values = ((ramp[0]["image"][0].flatten() + 1) / 2 * 255).round()
-    assert values.tolist() == np.round(gray16.flatten() / 65535 * 255).tolist()  # rescaled, not clipped
+    assert (
+        values.tolist() == np.round(gray16.flatten() / 65535 * 255).tolist()
+    )  # rescaled, not clipped
 
 
 def test_unsupported_mode_is_named(tmp_path):
@@ -200,6 +237,7 @@ def test_truncated_latents_file(tmp_path):
     torch.save({"latents": torch.randn(64, 4, 8, 8)}, tmp_path / "lat.pt")
     data = (tmp_path / "lat.pt").read_bytes()
     (tmp_path / "lat.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match=r"latents file '.*lat\.pt' is truncated or not a torch checkpoint"):
+    with pytest.raises(
+        UserError, match=r"latents file '.*lat\.pt' is truncated or not a torch checkpoint"
+    ):
         LatentTensors(str(tmp_path / "lat.pt")).build()
-

@@ -42,12 +42,16 @@ def test_read_only_dir(read_only_dir):
     with pytest.raises(UserError) as err:
         check_writable(read_only_dir)
     message = str(err.value)
-    assert "\n" not in message and message.startswith(f"output dir {str(read_only_dir)!r} is not writable (")
+    assert "\n" not in message and message.startswith(
+        f"output dir {str(read_only_dir)!r} is not writable ("
+    )
 
 
 def test_dir_under_a_regular_file(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match=r"output dir '.*/file/run' is not writable \(Not a directory\)"):
+    with pytest.raises(
+        UserError, match=r"output dir '.*/file/run' is not writable \(Not a directory\)"
+    ):
         check_writable(tmp_path / "file" / "run")
 
 
@@ -63,7 +67,9 @@ def test_disk_full_on_write(tmp_path, monkeypatch):
 
 def test_too_little_free_space(tmp_path, monkeypatch):
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**40, 2**40 - 50 * 2**20, 50 * 2**20))
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda p: usage(2**40, 2**40 - 50 * 2**20, 50 * 2**20)
+    )
     with pytest.raises(UserError) as err:
         check_writable(tmp_path, min_free_mb=100)
     assert str(err.value) == (
@@ -76,12 +82,23 @@ def test_too_little_free_space(tmp_path, monkeypatch):
 def test_train_refuses_an_unwritable_run_dir_before_hydra_writes(tmp_path):
     (tmp_path / "file").write_text("x")
     run = subprocess.run(
-        [sys.executable, "train.py", "debug=fast", f"paths.log_dir={tmp_path / 'file'}/logs",
-         "++hydra.callbacks.output_dir_check._target_=ldm.utils.validation.OutputDirCheck"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [
+            sys.executable,
+            "train.py",
+            "debug=fast",
+            f"paths.log_dir={tmp_path / 'file'}/logs",
+            "++hydra.callbacks.output_dir_check._target_=ldm.utils.validation.OutputDirCheck",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert run.returncode == 2, run.stderr
-    assert run.stderr.startswith(f"error: hydra.run.dir '{tmp_path / 'file'}/logs/train/runs/") and run.stderr.count("\n") == 1
+    assert (
+        run.stderr.startswith(f"error: hydra.run.dir '{tmp_path / 'file'}/logs/train/runs/")
+        and run.stderr.count("\n") == 1
+    )
     assert "is not writable (Not a directory)" in run.stderr
 
 
@@ -91,8 +108,14 @@ def test_default_run_dir_is_checked_too(tmp_path):
     (tmp_path / "logs").write_text("x")
     run = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "debug=fast"],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert run.returncode == 2, run.stderr
-    assert run.stderr.startswith(f"error: hydra.run.dir '{tmp_path}/logs/train/runs/") and run.stderr.count("\n") == 1
+    assert (
+        run.stderr.startswith(f"error: hydra.run.dir '{tmp_path}/logs/train/runs/")
+        and run.stderr.count("\n") == 1
+    )
     assert "is not writable (Not a directory)" in run.stderr

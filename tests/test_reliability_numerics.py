@@ -62,11 +62,20 @@ class WeightLog(pl.Callback):
 
 
 def fit(model, tmp_path, callbacks, max_steps=6):
-    data = TensorDataset(torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.randn(32, 1))
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=-1)
+    data = TensorDataset(
+        torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.randn(32, 1)
+    )
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=-1
+    )
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[*callbacks, ckpt], plugins=[AtomicCheckpointIO()],
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, ckpt],
+        plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(model, DataLoader(data, batch_size=4))
     return trainer
@@ -80,7 +89,10 @@ def test_nan_stops_training_and_last_checkpoint_stays_good(tmp_path, manual):
         fit(model, tmp_path, [NonFiniteGuard()])
     message = str(err.value)
     assert "\n" not in message and "non-finite gradients" in message and "batch 3" in message
-    assert "(first: net.weight)" in message and "callbacks.common.nonfinite.skip_nonfinite=true" in message
+    assert (
+        "(first: net.weight)" in message
+        and "callbacks.common.nonfinite.skip_nonfinite=true" in message
+    )
     last = read_torch_file(tmp_path / "ckpt" / "last.ckpt")
     assert last["global_step"] == 3  # written after batch 2, the last finite step
     assert torch.isfinite(last["state_dict"]["net.weight"]).all()
@@ -117,8 +129,15 @@ def test_skip_nonfinite_skips_and_counts(tmp_path, manual):
 def test_skip_nonfinite_gives_up_after_consecutive_limit(tmp_path):
     model = Tiny()
     inject_nan(model.net, set(range(1, 100)))
-    with pytest.raises(NonFiniteError, match=r"4 non-finite steps in a row .* max_consecutive_skips=3"):
-        fit(model, tmp_path, [NonFiniteGuard(skip_nonfinite=True, max_consecutive_skips=3)], max_steps=8)
+    with pytest.raises(
+        NonFiniteError, match=r"4 non-finite steps in a row .* max_consecutive_skips=3"
+    ):
+        fit(
+            model,
+            tmp_path,
+            [NonFiniteGuard(skip_nonfinite=True, max_consecutive_skips=3)],
+            max_steps=8,
+        )
 
 
 def test_nan_loss_without_gradient_path_is_caught(tmp_path):
@@ -141,7 +160,9 @@ def test_nonfinite_buffer_is_never_saved(tmp_path):
         fit(model, tmp_path, [NonFiniteGuard(skip_nonfinite=True)])
     last = read_torch_file(tmp_path / "ckpt" / "last.ckpt")
     assert last["global_step"] == 3
-    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point()
+    )
 
 
 def test_trainer_config_clips_gradients_and_writes_atomically(tmp_path):
@@ -171,10 +192,23 @@ def test_ddp_all_ranks_stop_together(tmp_path, kind):
     """A NaN on one rank must stop every rank (no rank left waiting in a collective)."""
     data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=6, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[NonFiniteGuard()],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_steps=6,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[NonFiniteGuard()],
         enable_checkpointing=False,
     )
-    what = r"gradients in 2 of 2 parameter tensors \(first: net.weight\)" if kind == "grad" else "training loss"
-    with pytest.raises(Exception, match=rf"NonFiniteError: non-finite {what}.* at global step \d \(epoch 0, batch 2\)"):
+    what = (
+        r"gradients in 2 of 2 parameter tensors \(first: net.weight\)"
+        if kind == "grad"
+        else "training loss"
+    )
+    with pytest.raises(
+        Exception,
+        match=rf"NonFiniteError: non-finite {what}.* at global step \d \(epoch 0, batch 2\)",
+    ):
         trainer.fit(NanOnRank1(kind), DataLoader(data, batch_size=4))

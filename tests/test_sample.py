@@ -53,8 +53,11 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 def sample_cfg(tmp_path: Path, ckpt: Path, *overrides: str, out: str = "out", fid: bool = False):
-    cfg = compose_config([f"ckpt={ckpt}", f"out_dir={tmp_path / out}", *FAST, *overrides], tmp_path,
-                         config_name="sample")
+    cfg = compose_config(
+        [f"ckpt={ckpt}", f"out_dir={tmp_path / out}", *FAST, *overrides],
+        tmp_path,
+        config_name="sample",
+    )
     with open_dict(cfg):
         cfg.fid = fid  # `fid=true` on the command line is handled by sample.py (group-name clash)
     return cfg
@@ -99,7 +102,12 @@ def test_ema_and_raw_weights(seeded_runs):
 def test_files_and_samples_json(seeded_runs, checkpoints):
     out, record = seeded_runs["a"]
     names = sorted(p.name for p in out.iterdir())
-    assert names == [*(f"{i:05d}.png" for i in range(5)), "grid.png", "samples.json", "trajectory.png"]
+    assert names == [
+        *(f"{i:05d}.png" for i in range(5)),
+        "grid.png",
+        "samples.json",
+        "trajectory.png",
+    ]
     for i in range(5):
         image = Image.open(out / f"{i:05d}.png")
         assert (image.mode, image.size) == ("L", (16, 16))
@@ -113,7 +121,9 @@ def test_files_and_samples_json(seeded_runs, checkpoints):
     assert saved["labels"] == [0, 1, 2, 3, 4]  # even spread over the classes
     assert saved["sampler"] == {**saved["sampler"], "name": "ddpm", "steps": 4, "nfe": 4}
     assert saved["config"]["seed"] == 0 and saved["config"]["sampler"]["steps"] == 4
-    assert saved["config"]["batch_size"] == 3 and saved["config"]["ckpt"] == str(checkpoints["conditioned"])
+    assert saved["config"]["batch_size"] == 3 and saved["config"]["ckpt"] == str(
+        checkpoints["conditioned"]
+    )
     timing = saved["timing"]
     assert timing["seconds"] > 0
     assert timing["images_per_second"] == pytest.approx(5 / timing["seconds"])
@@ -136,11 +146,17 @@ def test_guidance_and_labels(checkpoints, tmp_path):
     sampler = hydra.utils.instantiate(sample_cfg(tmp_path, ckpt, out="unused").sampler)(
         schedule=model.schedule
     )
-    images = model.sample(4, class_labels=torch.tensor([3, 7, 3, 7]),
-                          generator=torch.Generator().manual_seed(0), sampler=sampler)
+    images = model.sample(
+        4,
+        class_labels=torch.tensor([3, 7, 3, 7]),
+        generator=torch.Generator().manual_seed(0),
+        sampler=sampler,
+    )
     for i, image in enumerate(images):
         save_png(image, tmp_path / f"direct{i}.png")
-        assert (tmp_path / f"direct{i}.png").read_bytes() == (tmp_path / "g1" / f"{i:05d}.png").read_bytes()
+        assert (tmp_path / f"direct{i}.png").read_bytes() == (
+            tmp_path / "g1" / f"{i:05d}.png"
+        ).read_bytes()
 
     # a single int label applies to every sample
     single = run(sample_cfg(tmp_path, ckpt, "class_label=9", out="single"))
@@ -154,7 +170,9 @@ def test_resolve_labels():
     assert resolve_labels(None, 3, None, 1.0) is None
     with pytest.raises(UserError, match=r"class_label=-1 is outside the model's classes 0\.\.9"):
         resolve_labels([2, -1], 3, 10, 1.0)
-    with pytest.raises(UserError, match="class_label=3 given but the checkpoint's model is unconditional"):
+    with pytest.raises(
+        UserError, match="class_label=3 given but the checkpoint's model is unconditional"
+    ):
         resolve_labels(3, 3, None, 1.0)
     with pytest.raises(UserError, match=r"guidance_scale=2\.0 needs a class-conditional model"):
         resolve_labels(None, 3, None, 2.0)
@@ -174,8 +192,14 @@ def test_save_png_values(tmp_path):
 # ------------------------------------------------------------------------------ the CLI
 def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_writes_samples(checkpoints, tmp_path):
@@ -198,7 +222,10 @@ BAD_INPUTS = {
     "num_samples <= 0": (["ckpt={stage2}", "num_samples=0"], "num_samples=0"),
     "batch_size <= 0": (["ckpt={stage2}", "batch_size=-2"], "batch_size=-2"),
     "fid not a bool": (["ckpt={stage2}", "fid=maybe"], "fid='maybe' must be true or false"),
-    "unknown FID extractor": (["ckpt={stage2}", "fid@metrics=bar"], "fid@metrics='bar' is not an option"),
+    "unknown FID extractor": (
+        ["ckpt={stage2}", "fid@metrics=bar"],
+        "fid@metrics='bar' is not an option",
+    ),
     "no ckpt": ([], "ckpt is required"),
 }
 
@@ -253,10 +280,15 @@ def test_pickled_callable_is_refused_without_running(checkpoints, tmp_path):
 # ------------------------------------------------------------------------------ FID and NFE sweep
 @pytest.mark.slow
 def test_fid_and_nfe_sweep(checkpoints, tmp_path, capsys):
-    budget = ["metrics.classifier.epochs=1", "metrics.kid_subsets=3", "metrics.kid_subset_size=4",
-              "metrics.batch_size=64"]
-    cfg = sample_cfg(tmp_path, checkpoints["conditioned"], "num_samples=6", "nfe_sweep=[2,4]", *budget,
-                     fid=True)
+    budget = [
+        "metrics.classifier.epochs=1",
+        "metrics.kid_subsets=3",
+        "metrics.kid_subset_size=4",
+        "metrics.batch_size=64",
+    ]
+    cfg = sample_cfg(
+        tmp_path, checkpoints["conditioned"], "num_samples=6", "nfe_sweep=[2,4]", *budget, fid=True
+    )
     record = run(cfg)
     out = tmp_path / "out"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -272,7 +304,9 @@ def test_fid_and_nfe_sweep(checkpoints, tmp_path, capsys):
     # 4 steps with the same seed and settings regenerates the main run's images: same FID
     assert rows[1]["fid"] == pytest.approx(metrics["fid"], rel=1e-9)
     csv_lines = (out / "nfe_sweep.csv").read_text().splitlines()
-    assert csv_lines[0] == "steps,nfe,fid,kid,cas,seconds,images_per_second,N" and len(csv_lines) == 3
+    assert (
+        csv_lines[0] == "steps,nfe,fid,kid,cas,seconds,images_per_second,N" and len(csv_lines) == 3
+    )
     assert Image.open(out / "nfe_sweep.png").size[0] > 500
     printed = capsys.readouterr().out
     assert "NFE sweep (ddpm, N=6" in printed

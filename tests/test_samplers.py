@@ -59,8 +59,12 @@ def ddim_reference(schedule, steps, spacing, float64_schedule=False):
     # steps_offset=0 and 1000 % steps == 0 make diffusers' prev = t - 1000 // steps the next
     # timestep of the grid for leading and trailing spacing (it is not one for linspace).
     ref = DDIMScheduler(
-        beta_schedule="linear", clip_sample=False, set_alpha_to_one=True, steps_offset=0,
-        prediction_type=DIFFUSERS_PTYPE[schedule.prediction_type], timestep_spacing=spacing,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        prediction_type=DIFFUSERS_PTYPE[schedule.prediction_type],
+        timestep_spacing=spacing,
     )
     if float64_schedule:  # the same values in float64: isolates the algorithm from float32 rounding
         ref.alphas_cumprod = schedule.alphas_cumprod.double()
@@ -89,8 +93,12 @@ def test_one_ddim_step_matches_diffusers(ptype):
 
 @pytest.mark.parametrize(
     ("ptype", "spacing", "steps", "eta"),
-    [("eps", "leading", 50, 0.0), ("v", "trailing", 20, 0.0), ("x0", "trailing", 10, 1.0),
-     ("eps", "trailing", 25, 0.5)],
+    [
+        ("eps", "leading", 50, 0.0),
+        ("v", "trailing", 20, 0.0),
+        ("x0", "trailing", 10, 1.0),
+        ("eps", "trailing", 25, 0.5),
+    ],
 )
 def test_ddim_trajectory_matches_diffusers(ptype, spacing, steps, eta):
     schedule = NoiseSchedule("linear", prediction_type=ptype)
@@ -129,8 +137,11 @@ def test_ddpm_ancestral_matches_diffusers(ptype, steps, spacing, tol64, tol32):
         # fixed_small = the posterior variance; diffusers respaces like ours (beta from the two
         # visited alphas_cumprod). Its last step (t > 0 for trailing) adds 1e-10 * noise.
         ref = DDPMScheduler(
-            beta_schedule="linear", clip_sample=False, variance_type="fixed_small",
-            prediction_type=DIFFUSERS_PTYPE[ptype], timestep_spacing=spacing,
+            beta_schedule="linear",
+            clip_sample=False,
+            variance_type="fixed_small",
+            prediction_type=DIFFUSERS_PTYPE[ptype],
+            timestep_spacing=spacing,
         )
         if float64_schedule:
             ref.alphas_cumprod = schedule.alphas_cumprod.double()
@@ -148,15 +159,24 @@ def test_ddpm_ancestral_matches_diffusers(ptype, steps, spacing, tol64, tol32):
 # -- DPM-Solver++ 2M vs diffusers ----------------------------------------------------------------
 @pytest.mark.parametrize(
     ("name", "dname", "ptype", "steps", "spacing"),
-    [("linear", "linear", "eps", 20, "trailing"), ("linear", "linear", "v", 10, "linspace"),
-     ("cosine", "squaredcos_cap_v2", "x0", 25, "leading"), ("linear", "linear", "eps", 5, "trailing")],
+    [
+        ("linear", "linear", "eps", 20, "trailing"),
+        ("linear", "linear", "v", 10, "linspace"),
+        ("cosine", "squaredcos_cap_v2", "x0", 25, "leading"),
+        ("linear", "linear", "eps", 5, "trailing"),
+    ],
 )
 def test_dpm_solver_matches_diffusers(name, dname, ptype, steps, spacing):
     schedule = NoiseSchedule(name, prediction_type=ptype)
     sampler = build_sampler("dpm_solver", schedule, steps, timestep_spacing=spacing)
     ref = DPMSolverMultistepScheduler(
-        beta_schedule=dname, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
-        lower_order_final=True, final_sigmas_type="zero", prediction_type=DIFFUSERS_PTYPE[ptype],
+        beta_schedule=dname,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+        prediction_type=DIFFUSERS_PTYPE[ptype],
     )
     # Custom timesteps: the same grid as ours whatever the spacing (diffusers' own "leading" and
     # "linspace" for this scheduler use steps + 1 points, unlike its DDIM/DDPM schedulers).
@@ -201,8 +221,11 @@ def test_samplers_recover_gaussian_data(name, kw, ptype):
     std = torch.tensor([0.5, 1.5], dtype=F64)
     schedule = NoiseSchedule("linear", prediction_type=ptype)
     sampler = build_sampler(name, schedule, **kw)
-    x = sampler(gaussian_model(schedule, mu, std), start_noise((4000, 2), seed=3),
-                generator=torch.Generator().manual_seed(4))
+    x = sampler(
+        gaussian_model(schedule, mu, std),
+        start_noise((4000, 2), seed=3),
+        generator=torch.Generator().manual_seed(4),
+    )
     assert_recovers(x, mu, std, name)
 
 
@@ -211,11 +234,18 @@ def test_gaussian_recovery_cosine_zero_terminal_snr():
     mu = torch.tensor([2.0, 0.0], dtype=F64)
     std = torch.tensor([0.3, 1.0], dtype=F64)
     schedule = NoiseSchedule("cosine", zero_terminal_snr=True, prediction_type="v")
-    for name, kw in (("ddim", {"steps": 250}), ("dpm_solver", {"steps": 50}), ("ddpm", {"steps": 500})):
+    for name, kw in (
+        ("ddim", {"steps": 250}),
+        ("dpm_solver", {"steps": 50}),
+        ("ddpm", {"steps": 500}),
+    ):
         sampler = build_sampler(name, schedule, **kw)
         assert sampler.timesteps[0] == 999
-        x = sampler(gaussian_model(schedule, mu, std), start_noise((4000, 2), seed=5),
-                    generator=torch.Generator().manual_seed(6))
+        x = sampler(
+            gaussian_model(schedule, mu, std),
+            start_noise((4000, 2), seed=5),
+            generator=torch.Generator().manual_seed(6),
+        )
         assert torch.isfinite(x).all()
         assert_recovers(x, mu, std, name)
 
@@ -233,7 +263,9 @@ def test_ddim_eta0_is_deterministic_given_start_noise():
     assert a.dtype == torch.float32
 
 
-@pytest.mark.parametrize(("name", "kw"), [("ddpm", {}), ("ddim", {"eta": 1.0}), ("ddim", {"eta": 0.3})])
+@pytest.mark.parametrize(
+    ("name", "kw"), [("ddpm", {}), ("ddim", {"eta": 1.0}), ("ddim", {"eta": 0.3})]
+)
 def test_stochastic_samplers_reproducible_with_seeded_generator(name, kw):
     schedule = NoiseSchedule("linear")
     sampler = build_sampler(name, schedule, 20, **kw)
@@ -274,7 +306,9 @@ def test_guidance(name):
     cond_only = run(model_fn, cond={"y": y})
     assert calls == [6] * 10
     # guidance_scale = 1 is the conditional output, with uncond given or not.
-    assert torch.equal(run(model_fn, cond={"y": y}, uncond={"y": null}, guidance_scale=1.0), cond_only)
+    assert torch.equal(
+        run(model_fn, cond={"y": y}, uncond={"y": null}, guidance_scale=1.0), cond_only
+    )
     # guidance_scale = 3: one batched call of 2B per step, equal to combining two separate calls.
     calls.clear()
     guided = run(model_fn, cond={"y": y}, uncond={"y": null}, guidance_scale=3.0)
@@ -297,8 +331,12 @@ def test_callback_sees_every_step(name):
     sampler = build_sampler(name, schedule, 8)
     seen = []
     model_fn = gaussian_model(schedule, 0.3, 0.8)
-    out = sampler(model_fn, start_noise((5, 2)), generator=torch.Generator().manual_seed(0),
-                  callback=lambda i, t, x_t, x0: seen.append((i, t, x_t.shape, x0)))
+    out = sampler(
+        model_fn,
+        start_noise((5, 2)),
+        generator=torch.Generator().manual_seed(0),
+        callback=lambda i, t, x_t, x0: seen.append((i, t, x_t.shape, x0)),
+    )
     assert [s[0] for s in seen] == list(range(8))
     assert [s[1] for s in seen] == sampler.timesteps.tolist()
     assert all(s[2] == (5, 2) for s in seen)
@@ -330,5 +368,7 @@ def test_build_sampler_validation():
     with pytest.raises(ValueError, match=r"'uniform'.*'leading', 'trailing', 'linspace'"):
         build_sampler("dpm_solver", schedule, 10, timestep_spacing="uniform")
     sampler = build_sampler("ddim", schedule, steps=1000)
-    assert sampler.steps == sampler.nfe == 1000 and torch.equal(sampler.timesteps, torch.arange(999, -1, -1))
+    assert sampler.steps == sampler.nfe == 1000 and torch.equal(
+        sampler.timesteps, torch.arange(999, -1, -1)
+    )
     assert "DDIMSampler(steps=1000" in repr(sampler)

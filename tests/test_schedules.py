@@ -73,7 +73,10 @@ def test_explicit_betas_round_trip():
     torch.testing.assert_close(explicit.alphas_cumprod, named.alphas_cumprod, rtol=1e-6, atol=0)
     # state_dict carries every buffer, and a schedule rebuilt the same way loads it strictly.
     assert set(explicit.state_dict()) == {
-        "betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+        "betas",
+        "alphas_cumprod",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
     }
     NoiseSchedule(betas=betas).load_state_dict(explicit.state_dict(), strict=True)
 
@@ -153,8 +156,12 @@ def test_v_target_and_q_sample_match_diffusers():
     gen = torch.Generator().manual_seed(2)
     x0, eps = torch.randn(2, 8, 1, 3, 3, generator=gen)
     t = torch.tensor([0, 17, 500, 999, 3, 640, 200, 998])
-    torch.testing.assert_close(s.q_sample(x0, t, eps), ref.add_noise(x0, eps, t), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s.training_target(x0, eps, t), ref.get_velocity(x0, eps, t), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        s.q_sample(x0, t, eps), ref.add_noise(x0, eps, t), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        s.training_target(x0, eps, t), ref.get_velocity(x0, eps, t), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_q_sample_statistics():
@@ -171,7 +178,9 @@ def test_q_sample_statistics():
     # snr is alphas_cumprod / (1 - alphas_cumprod) and decreases in t.
     snr = s.snr(torch.arange(1000))
     assert torch.all(snr[1:] < snr[:-1])
-    assert snr[10].item() == pytest.approx(s.alphas_cumprod[10].item() / (1 - s.alphas_cumprod[10].item()), rel=1e-6)
+    assert snr[10].item() == pytest.approx(
+        s.alphas_cumprod[10].item() / (1 - s.alphas_cumprod[10].item()), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("ptype", PREDICTION_TYPES)
@@ -194,7 +203,9 @@ def test_min_snr_weights_are_one_x0_space_loss(ptype):
 
 
 def test_validation_errors():
-    with pytest.raises(ValueError, match=r"'quadratic'.*'linear', 'scaled_linear', 'cosine', 'sigmoid'"):
+    with pytest.raises(
+        ValueError, match=r"'quadratic'.*'linear', 'scaled_linear', 'cosine', 'sigmoid'"
+    ):
         NoiseSchedule("quadratic")
     with pytest.raises(ValueError, match=r"'epsilon'.*'eps', 'x0', 'v'"):
         NoiseSchedule(prediction_type="epsilon")
@@ -217,6 +228,8 @@ def test_validation_errors():
 def test_repr_and_device_move():
     s = NoiseSchedule("cosine", prediction_type="v")
     text = repr(s)
-    assert "name='cosine'" in text and "prediction_type='v'" in text and "num_timesteps=1000" in text
+    assert (
+        "name='cosine'" in text and "prediction_type='v'" in text and "num_timesteps=1000" in text
+    )
     s64 = s.to(torch.float64)  # buffers follow .to() like any module's
     assert s64.alphas_cumprod.dtype == torch.float64

@@ -22,8 +22,18 @@ def fast_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     work = tmp_path_factory.mktemp("e2e")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "debug=fast", "logger=wandb", f"paths.root_dir={work}"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "debug=fast",
+            "logger=wandb",
+            f"paths.root_dir={work}",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     runs = sorted((work / "logs" / "train" / "runs").glob("*"))
     return result, runs[-1] if runs else work
@@ -50,12 +60,22 @@ def test_debug_fast_trains_both_stages(fast_run):
 @pytest.mark.slow
 def test_stage2_checkpoint_is_self_contained(fast_run):
     _, run_dir = fast_run
-    ckpt = torch.load(run_dir / "checkpoints" / "diffusion" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(
+        run_dir / "checkpoints" / "diffusion" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     assert ckpt["ldm"]["stage"] == "diffusion"
-    assert ckpt["ldm"]["config"]["model"]["autoencoder"]["_target_"] == "ldm.models.autoencoder.KLAutoencoder"
+    assert (
+        ckpt["ldm"]["config"]["model"]["autoencoder"]["_target_"]
+        == "ldm.models.autoencoder.KLAutoencoder"
+    )
     state = ckpt["state_dict"]
-    assert any(k.startswith("autoencoder.") for k in state) and any(k.startswith("unet.") for k in state)
-    assert float(state["autoencoder.scale_factor"]) > 0 and float(state["autoencoder.scale_factor"]) != 1.0
+    assert any(k.startswith("autoencoder.") for k in state) and any(
+        k.startswith("unet.") for k in state
+    )
+    assert (
+        float(state["autoencoder.scale_factor"]) > 0
+        and float(state["autoencoder.scale_factor"]) != 1.0
+    )
 
 
 @pytest.mark.slow
@@ -63,11 +83,21 @@ def test_wandb_offline_history_has_loss_and_fid(fast_run):
     _, run_dir = fast_run
     run_files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 2  # one W&B run per stage
-    runs = {info["name"].rsplit("-", 1)[-1]: (rows, info) for rows, info in map(read_history, run_files)}
+    runs = {
+        info["name"].rsplit("-", 1)[-1]: (rows, info) for rows, info in map(read_history, run_files)
+    }
     assert set(runs) == {"autoencoder", "diffusion"}
-    assert runs["autoencoder"][1]["group"] == runs["diffusion"][1]["group"]  # one group for the two stages
+    assert (
+        runs["autoencoder"][1]["group"] == runs["diffusion"][1]["group"]
+    )  # one group for the two stages
     ae_keys = set().union(*runs["autoencoder"][0])
-    assert {"train/loss", "val/rec_loss", "val/psnr", "val/ssim", "val/reconstructions/_type"} <= ae_keys
+    assert {
+        "train/loss",
+        "val/rec_loss",
+        "val/psnr",
+        "val/ssim",
+        "val/reconstructions/_type",
+    } <= ae_keys
     rows, info = runs["diffusion"]
     keys = set().union(*rows)
     assert {"train/loss", "val/loss", "val/fid", "val/fid_num_samples", "val/samples/_type"} <= keys
@@ -75,4 +105,6 @@ def test_wandb_offline_history_has_loss_and_fid(fast_run):
     assert fid and all(v > 0 for v in fid)
     assert next(row["val/fid_num_samples"] for row in rows if "val/fid_num_samples" in row) == 32
     # The resolved config and the run manifest are the run's W&B config.
-    assert info["config"]["trained_stage"] == "diffusion" and info["config"]["manifest"]["seed"] == 42
+    assert (
+        info["config"]["trained_stage"] == "diffusion" and info["config"]["manifest"]["seed"] == 42
+    )

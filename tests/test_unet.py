@@ -54,7 +54,9 @@ def test_fresh_model_predicts_zero_and_parameter_count():
     out = model(torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10]))
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.count_nonzero(model.conv_out.weight) == 0
-    assert all(torch.count_nonzero(b[0].conv2.weight) == 0 for b in model.down if hasattr(b[0], "conv2"))
+    assert all(
+        torch.count_nonzero(b[0].conv2.weight) == 0 for b in model.down if hasattr(b[0], "conv2")
+    )
     assert 5_000 < sum(p.numel() for p in model.parameters()) < 100_000
 
 

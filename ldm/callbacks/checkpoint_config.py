@@ -17,5 +17,7 @@ class StoreConfigInCheckpoint(pl.Callback):
     def __init__(self, stage: str, config: dict[str, Any]):
         self.stage, self.config = stage, config
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         checkpoint["ldm"] = {"stage": self.stage, "config": self.config}

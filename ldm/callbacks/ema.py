@@ -30,7 +30,9 @@ def get_ema_warmup_multi_avg_fn(decay: float = 0.999, warmup: bool = True):
         raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
 
     @torch.no_grad()
-    def ema_update(ema_params: list[Tensor], current_params: list[Tensor], num_averaged: Tensor) -> None:
+    def ema_update(
+        ema_params: list[Tensor], current_params: list[Tensor], num_averaged: Tensor
+    ) -> None:
         # AveragedModel copies the first model and counts it: the n-th call here is update n.
         weight = 1.0 - ema_decay_at(num_averaged, decay, warmup)
         if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):

@@ -95,13 +95,23 @@ class FIDCallback(pl.Callback):
         if batch_size <= 0:
             raise UserError(f"fid.batch_size={batch_size} must be positive")
         if sampler_steps is not None and sampler_steps <= 0:
-            raise UserError(f"fid.sampler_steps={sampler_steps} must be positive (or null: the model's own steps)")
+            raise UserError(
+                f"fid.sampler_steps={sampler_steps} must be positive (or null: the model's own steps)"
+            )
         self.extractor_name, self.num_samples, self.batch_size = extractor, num_samples, batch_size
-        self.every_n_epochs, self.cache_dir, self.inception_weights = every_n_epochs, cache_dir, inception_weights
+        self.every_n_epochs, self.cache_dir, self.inception_weights = (
+            every_n_epochs,
+            cache_dir,
+            inception_weights,
+        )
         self.sampler_steps, self.guidance_scale = sampler_steps, guidance_scale
         self.kid_subsets, self.kid_subset_size, self.seed = kid_subsets, kid_subset_size, seed
         self.classifier_settings = dict(classifier or {})
-        self.log_reference, self.progress_bar, self.datamodule = log_reference, progress_bar, datamodule
+        self.log_reference, self.progress_bar, self.datamodule = (
+            log_reference,
+            progress_bar,
+            datamodule,
+        )
         self.metrics: SampleMetrics | None = None
         self.references: dict[str, float | int] | None = None
         self._reference_logged = False
@@ -115,7 +125,11 @@ class FIDCallback(pl.Callback):
         epoch = trainer.current_epoch
         if epoch == self._last_epoch:  # several validations per epoch: evaluate once
             return False
-        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs
+        last = (
+            trainer.max_epochs is not None
+            and trainer.max_epochs > 0
+            and epoch + 1 >= trainer.max_epochs
+        )
         return (epoch + 1) % self.every_n_epochs == 0 or last
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -142,9 +156,15 @@ class FIDCallback(pl.Callback):
     def image_datamodule(self, trainer: pl.Trainer) -> pl.LightningDataModule:
         """The data module of real images: the given one, the trainer's `image_datamodule` (a latents
         module points to the images it encodes), or the trainer's own."""
-        datamodule = self.datamodule or getattr(trainer.datamodule, "image_datamodule", None) or trainer.datamodule
+        datamodule = (
+            self.datamodule
+            or getattr(trainer.datamodule, "image_datamodule", None)
+            or trainer.datamodule
+        )
         if datamodule is None:
-            raise UserError("FIDCallback needs a data module of real images (trainer.fit(..., datamodule=...))")
+            raise UserError(
+                "FIDCallback needs a data module of real images (trainer.fit(..., datamodule=...))"
+            )
         datamodule.setup("fit")
         keys = sorted(datamodule.train_dataset[0])
         if "image" not in keys:
@@ -169,32 +189,55 @@ class FIDCallback(pl.Callback):
 
         def load() -> tuple[Any, Any, torch.Tensor]:
             extractor, classifier = build_extractor(
-                self.extractor_name, datamodule, self.cache_dir, self.inception_weights,
-                self.classifier_settings, verbose=trainer.is_global_zero,
+                self.extractor_name,
+                datamodule,
+                self.cache_dir,
+                self.inception_weights,
+                self.classifier_settings,
+                verbose=trainer.is_global_zero,
             )
             extractor.to(pl_module.device)
             real_file = real_features_path(self.cache_dir, datamodule.fingerprint(), extractor)
-            return extractor, classifier, cached_real_features(extractor, datamodule.train_dataset, real_file, self.batch_size)
+            return (
+                extractor,
+                classifier,
+                cached_real_features(
+                    extractor, datamodule.train_dataset, real_file, self.batch_size
+                ),
+            )
 
         extractor, classifier, real = self._rank_zero_first(trainer, load)
         num_classes = datamodule.num_classes if model_num_classes(pl_module) is not None else None
         self.metrics = SampleMetrics(
-            extractor, classifier, num_classes,
-            kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size, seed=self.seed,
+            extractor,
+            classifier,
+            num_classes,
+            kid_subsets=self.kid_subsets,
+            kid_subset_size=self.kid_subset_size,
+            seed=self.seed,
         ).to(pl_module.device)
         self.metrics.set_real_features(real)
         if self.log_reference:
 
             def refs() -> dict[str, float | int]:
                 local = SampleMetrics(
-                    extractor, kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size,
-                    seed=self.seed, sync_on_compute=False,
+                    extractor,
+                    kid_subsets=self.kid_subsets,
+                    kid_subset_size=self.kid_subset_size,
+                    seed=self.seed,
+                    sync_on_compute=False,
                 ).to(pl_module.device)
                 local.set_real_features(real)
                 shape = (datamodule.num_channels, datamodule.image_size, datamodule.image_size)
                 ref_file = cache / f"reference_{extractor.cache_key}.json"
                 return reference_scores(
-                    local, datamodule.val_dataset, self.num_samples, shape, ref_file, self.batch_size, self.seed
+                    local,
+                    datamodule.val_dataset,
+                    self.num_samples,
+                    shape,
+                    ref_file,
+                    self.batch_size,
+                    self.seed,
                 )
 
             self.references = self._rank_zero_first(trainer, refs)
@@ -208,7 +251,9 @@ class FIDCallback(pl.Callback):
         return torch.arange(self.num_samples, device=device) % num_classes  # (N,)
 
     @torch.no_grad()
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float | int]:
+    def evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, float | int]:
         start = time.perf_counter()
         if self.metrics is None:
             self.setup_metrics(trainer, pl_module)
@@ -216,7 +261,10 @@ class FIDCallback(pl.Callback):
         metrics.reset()
         device = pl_module.device
         labels = self.sample_labels(model_num_classes(pl_module), device)
-        share = torch.tensor(list(rank_share(self.num_samples, trainer.global_rank, trainer.world_size)), device=device)
+        share = torch.tensor(
+            list(rank_share(self.num_samples, trainer.global_rank, trainer.world_size)),
+            device=device,
+        )
         # A CPU generator: the same noise on any device (the model draws x_T on the generator's device).
         generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
         kwargs: dict[str, Any] = {}
@@ -226,29 +274,42 @@ class FIDCallback(pl.Callback):
             kwargs["guidance_scale"] = self.guidance_scale
         batches = range(0, len(share), self.batch_size)
         show = self.progress_bar and trainer.is_global_zero
-        for i in tqdm(batches, desc=f"FID samples (epoch {trainer.current_epoch})", disable=not show, leave=False):
+        for i in tqdm(
+            batches,
+            desc=f"FID samples (epoch {trainer.current_epoch})",
+            disable=not show,
+            leave=False,
+        ):
             idx = share[i : i + self.batch_size]
             batch_labels = labels[idx] if labels is not None else None
             if batch_labels is not None:
                 kwargs["class_labels"] = batch_labels
-            images = pl_module.sample(len(idx), generator=generator, **kwargs)  # (B, C, H, W) in [-1, 1]
+            images = pl_module.sample(
+                len(idx), generator=generator, **kwargs
+            )  # (B, C, H, W) in [-1, 1]
             metrics.update(images, batch_labels)
         scores = metrics.compute()
         metrics.reset()
 
-        values = {"val/fid": scores["fid"], "val/kid": scores["kid"], "val/fid_num_samples": scores["num_samples"]}
+        values = {
+            "val/fid": scores["fid"],
+            "val/kid": scores["kid"],
+            "val/fid_num_samples": scores["num_samples"],
+        }
         if "cas" in scores:
             values["val/cas"] = scores["cas"]
         if self.references is not None and not self._reference_logged:
             ref = self.references
-            values.update({
-                "ref/fid_real_floor": ref["fid_real_floor"],
-                "ref/kid_real_floor": ref["kid_real_floor"],
-                "ref/fid_real_floor_num_samples": ref["real_floor_num_samples"],
-                "ref/fid_noise_ceiling": ref["fid_noise_ceiling"],
-                "ref/kid_noise_ceiling": ref["kid_noise_ceiling"],
-                "ref/fid_noise_ceiling_num_samples": ref["noise_num_samples"],
-            })
+            values.update(
+                {
+                    "ref/fid_real_floor": ref["fid_real_floor"],
+                    "ref/kid_real_floor": ref["kid_real_floor"],
+                    "ref/fid_real_floor_num_samples": ref["real_floor_num_samples"],
+                    "ref/fid_noise_ceiling": ref["fid_noise_ceiling"],
+                    "ref/kid_noise_ceiling": ref["kid_noise_ceiling"],
+                    "ref/fid_noise_ceiling_num_samples": ref["noise_num_samples"],
+                }
+            )
             self._reference_logged = True
         # Every rank holds the same synced values; sync_dist only silences Lightning's DDP warning.
         for name, value in values.items():
@@ -257,7 +318,13 @@ class FIDCallback(pl.Callback):
             extra = f", CAS {scores['cas']:.3f}" if "cas" in scores else ""
             log.info(
                 "epoch %d: FID %.3f KID %.5f%s (N=%d vs %d reals, %s features) in %.1fs",
-                trainer.current_epoch, scores["fid"], scores["kid"], extra, scores["num_samples"],
-                scores["num_real"], self.extractor_name, time.perf_counter() - start,
+                trainer.current_epoch,
+                scores["fid"],
+                scores["kid"],
+                extra,
+                scores["num_samples"],
+                scores["num_real"],
+                self.extractor_name,
+                time.perf_counter() - start,
             )
         return scores

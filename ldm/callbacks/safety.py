@@ -77,13 +77,17 @@ class NonFiniteGuard(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if uses_grad_scaler(trainer):
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = [
+            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
         if all_finite([p.grad for p in params]):
             self.consecutive = 0
             return
         names = {p: n for n, p in pl_module.named_parameters()}
         bad = [names.get(p, "?") for p in params if not torch.isfinite(p.grad).all()]
-        self.flag(trainer, f"gradients in {len(bad)} of {len(params)} parameter tensors (first: {bad[0]})")
+        self.flag(
+            trainer, f"gradients in {len(bad)} of {len(params)} parameter tensors (first: {bad[0]})"
+        )
         for p in params:  # reached only when skipping: no update from this step
             p.grad = None
 
@@ -94,9 +98,16 @@ class NonFiniteGuard(pl.Callback):
             if trainer.world_size > 1:  # losses differ per rank; all ranks must stop or skip alike
                 bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
             if bad:
-                self.flag(trainer, f"training loss ({loss.item():.4g})" if local_bad else "training loss on another rank")
+                self.flag(
+                    trainer,
+                    f"training loss ({loss.item():.4g})"
+                    if local_bad
+                    else "training loss on another rank",
+                )
         if self.skip_nonfinite:
-            pl_module.log("train/nonfinite_skipped", float(self.num_skipped), on_step=True, on_epoch=False)
+            pl_module.log(
+                "train/nonfinite_skipped", float(self.num_skipped), on_step=True, on_epoch=False
+            )
 
     def flag(self, trainer: pl.Trainer, what: str) -> None:
         """Stop with a clear message, or count a skipped step (at most once per batch)."""
@@ -110,7 +121,12 @@ class NonFiniteGuard(pl.Callback):
             self.num_skipped += 1
             self.consecutive += 1
         self.batch_flagged = True
-        log.warning("skipped a step with non-finite %s %s (%d skipped so far)", what, where, self.num_skipped)
+        log.warning(
+            "skipped a step with non-finite %s %s (%d skipped so far)",
+            what,
+            where,
+            self.num_skipped,
+        )
         if self.consecutive > self.max_consecutive_skips:
             raise NonFiniteError(
                 f"{self.consecutive} non-finite steps in a row {where} (limit "
@@ -121,7 +137,9 @@ class NonFiniteGuard(pl.Callback):
         state = checkpoint.get("state_dict", {})
         if all_finite(list(state.values())):
             return
-        bad = next(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        bad = next(
+            k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()
+        )
         raise NonFiniteError(
             f"refusing to save a checkpoint at global step {trainer.global_step}: state_dict[{bad!r}] "
             f"holds NaN/inf; the existing checkpoints are untouched; {ADVICE}"
@@ -146,7 +164,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Use: `Trainer(plugins=[AtomicCheckpointIO()])` (conf/trainer/default.yaml does).
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path, storage_options: Any | None = None
+    ) -> None:
         if "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -154,7 +174,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         atomic_write(path, lambda f: torch.save(checkpoint, f))
 
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         if "://" in str(path):
             return super().load_checkpoint(path, map_location, weights_only=True)
         return read_torch_file(path, what="checkpoint")

@@ -85,9 +85,13 @@ class ImageDataModule(pl.LightningDataModule):
         x = item.get("image", item.get("latent"))
         if "image" in item:
             if x.shape[0] != self.num_channels:
-                raise ValueError(f"data.num_channels={self.num_channels} but the images have {x.shape[0]} channels")
+                raise ValueError(
+                    f"data.num_channels={self.num_channels} but the images have {x.shape[0]} channels"
+                )
             if tuple(x.shape[1:]) != (self.image_size, self.image_size):
-                raise ValueError(f"data.image_size={self.image_size} but the images are {tuple(x.shape[1:])}")
+                raise ValueError(
+                    f"data.image_size={self.image_size} but the images are {tuple(x.shape[1:])}"
+                )
         has_labels = "label" in item
         if has_labels != (self.num_classes is not None):
             raise ValueError(
@@ -102,7 +106,9 @@ class ImageDataModule(pl.LightningDataModule):
     def fingerprint(self) -> str:
         """Identifies the exact data and split (used to key caches: FID statistics, latents)."""
         self.setup()
-        return f"{self.source.fingerprint(self.full_dataset)}-v{self.val_fraction}-s{self.split_seed}"
+        return (
+            f"{self.source.fingerprint(self.full_dataset)}-v{self.val_fraction}-s{self.split_seed}"
+        )
 
     def loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return DataLoader(
@@ -118,8 +124,12 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled in an order fixed by (seed, epoch), sharded across DDP ranks, and resumable
         mid-epoch (ldm.data.resumable). The seed is the run's: `seed_everything(seed)` sets it."""
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = ResumableSampler(self.train_dataset, num_replicas=world, rank=rank, seed=torch.initial_seed())
+        world, rank = (
+            (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        )
+        sampler = ResumableSampler(
+            self.train_dataset, num_replicas=world, rank=rank, seed=torch.initial_seed()
+        )
         return ResumableDataLoader(
             self.train_dataset,
             sampler=sampler,

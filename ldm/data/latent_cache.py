@@ -56,7 +56,9 @@ def build_latent_cache(
     latents, labels = [], []
     try:
         # disable=None: a bar on terminals, silent in log files
-        for batch in tqdm(dataloader, desc=f"encoding latent cache {key[:24]}", leave=False, disable=None):
+        for batch in tqdm(
+            dataloader, desc=f"encoding latent cache {key[:24]}", leave=False, disable=None
+        ):
             z = encode_latents(autoencoder, batch["image"].to(device))  # (B, c, h, w)
             latents.append(z.float().cpu())
             if "label" in batch:
@@ -73,8 +75,12 @@ def build_latent_cache(
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
-    log.info("latent cache: wrote %s latents %s to %s", len(payload["latents"]),
-             tuple(payload["latents"].shape[1:]), path)
+    log.info(
+        "latent cache: wrote %s latents %s to %s",
+        len(payload["latents"]),
+        tuple(payload["latents"].shape[1:]),
+        path,
+    )
     return path
 
 

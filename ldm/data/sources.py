@@ -186,9 +186,15 @@ class LatentTensors(Source):
 class TorchvisionSource(Source):
     """MNIST, FashionMNIST or CIFAR10 from torchvision, read from `root`; downloads only if asked."""
 
-    DATASETS: ClassVar[dict[str, tuple[str, int, int]]] = {"mnist": ("MNIST", 10, 1), "fashion_mnist": ("FashionMNIST", 10, 1), "cifar10": ("CIFAR10", 10, 3)}
+    DATASETS: ClassVar[dict[str, tuple[str, int, int]]] = {
+        "mnist": ("MNIST", 10, 1),
+        "fashion_mnist": ("FashionMNIST", 10, 1),
+        "cifar10": ("CIFAR10", 10, 3),
+    }
 
-    def __init__(self, name: str, root: str, image_size: int, download: bool = False, resize: str = "pad"):
+    def __init__(
+        self, name: str, root: str, image_size: int, download: bool = False, resize: str = "pad"
+    ):
         if name not in self.DATASETS:
             raise ValueError(f"data.source.name={name!r} is not one of {sorted(self.DATASETS)}")
         self.name, self.root, self.download, self.resize = name, Path(root), download, resize
@@ -220,7 +226,14 @@ class TorchvisionSource(Source):
 # What PIL raises for unreadable files: OSError (truncated, zero-byte, foreign: UnidentifiedImageError),
 # SyntaxError/struct.error/EOFError (broken chunks in some plugins), ValueError (bad mode conversions),
 # DecompressionBombError (a tiny file that decodes to more than 2x Image.MAX_IMAGE_PIXELS).
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+IMAGE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+)
 
 
 class ImageFolderDataset(Dataset):
@@ -230,15 +243,19 @@ class ImageFolderDataset(Dataset):
     `allow_upscale=False`, which makes them an error naming the file.
     """
 
-    def __init__(self, paths: Sequence[Path], image_size: int, mode: str, allow_upscale: bool = True):
+    def __init__(
+        self, paths: Sequence[Path], image_size: int, mode: str, allow_upscale: bool = True
+    ):
         self.paths, self.mode = list(paths), mode
         self.image_size, self.allow_upscale = image_size, allow_upscale
         self.warned_upscale = False
-        self.transform = v2.Compose([
-            v2.PILToTensor(),
-            v2.Resize(image_size, antialias=True),
-            v2.CenterCrop(image_size),
-        ])
+        self.transform = v2.Compose(
+            [
+                v2.PILToTensor(),
+                v2.Resize(image_size, antialias=True),
+                v2.CenterCrop(image_size),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -258,7 +275,9 @@ class ImageFolderDataset(Dataset):
                 raise UserError(f"{small}; data.source.allow_upscale=false forbids upscaling it")
             if not self.warned_upscale:
                 self.warned_upscale = True
-                log.warning("%s: upscaled (data.source.allow_upscale=false rejects such files)", small)
+                log.warning(
+                    "%s: upscaled (data.source.allow_upscale=false rejects such files)", small
+                )
         return img
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -267,7 +286,20 @@ class ImageFolderDataset(Dataset):
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-CONVERTIBLE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+CONVERTIBLE_MODES = (
+    "1",
+    "L",
+    "LA",
+    "La",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBa",
+    "RGBX",
+    "CMYK",
+    "YCbCr",
+)
 
 
 def convert_mode(img: Image.Image, mode: str) -> Image.Image:
@@ -282,10 +314,14 @@ def convert_mode(img: Image.Image, mode: str) -> Image.Image:
     if img.mode in SIXTEEN_BIT_MODES:
         arr = np.asarray(img, dtype=np.float64)
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
-            raise ValueError(f"mode {img.mode} values span [{arr.min():g}, {arr.max():g}], outside 16-bit [0, 65535]")
+            raise ValueError(
+                f"mode {img.mode} values span [{arr.min():g}, {arr.max():g}], outside 16-bit [0, 65535]"
+            )
         img = Image.fromarray(np.round(arr / 65535.0 * 255.0).astype(np.uint8), mode="L")
     elif img.mode not in CONVERTIBLE_MODES:
-        raise ValueError(f"image mode {img.mode!r} is not supported (8/16-bit: {', '.join(CONVERTIBLE_MODES + SIXTEEN_BIT_MODES)})")
+        raise ValueError(
+            f"image mode {img.mode!r} is not supported (8/16-bit: {', '.join(CONVERTIBLE_MODES + SIXTEEN_BIT_MODES)})"
+        )
     if img.mode in ("P", "PA"):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "RGBa", "LA", "La"):
@@ -330,11 +366,15 @@ class ImageFolder(Source):
             raise FileNotFoundError(f"data.root={str(self.root)!r} is not a directory")
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise ValueError(f"data.root={str(self.root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(
+                f"data.root={str(self.root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
         return files
 
     def build(self) -> ImageFolderDataset:
-        dataset = ImageFolderDataset(self.list_files(), self.image_size, self.mode, self.allow_upscale)
+        dataset = ImageFolderDataset(
+            self.list_files(), self.image_size, self.mode, self.allow_upscale
+        )
         if self.skip_corrupt:
             dataset.paths = self.readable(dataset)
         return dataset
@@ -351,10 +391,15 @@ class ImageFolder(Source):
 
         # PIL decodes outside the GIL, so threads check files in parallel.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            results = list(tqdm(
-                pool.map(problem, paths), total=len(paths), desc=f"checking images in {self.root}",
-                unit="img", disable=len(paths) <= self.PROGRESS_ABOVE,
-            ))
+            results = list(
+                tqdm(
+                    pool.map(problem, paths),
+                    total=len(paths),
+                    desc=f"checking images in {self.root}",
+                    unit="img",
+                    disable=len(paths) <= self.PROGRESS_ABOVE,
+                )
+            )
         self.skipped = [(p, err) for p, (err, _) in zip(paths, results) if err is not None]
         kept = [p for p, (err, _) in zip(paths, results) if err is None]
         if not kept:
@@ -365,11 +410,19 @@ class ImageFolder(Source):
         if self.skipped:
             log.warning(
                 "data.skip_corrupt=true: skipped %d of %d image files under %s (first: %s)",
-                self.num_skipped, len(paths), self.root, self.skipped[0][1],
+                self.num_skipped,
+                len(paths),
+                self.root,
+                self.skipped[0][1],
             )
         upscaled = sum(up for _, up in results)
         if upscaled:
-            log.warning("%d of %d images are smaller than data.image_size=%d and are upscaled", upscaled, len(kept), self.image_size)
+            log.warning(
+                "%d of %d images are smaller than data.image_size=%d and are upscaled",
+                upscaled,
+                len(kept),
+                self.image_size,
+            )
         return kept
 
     def fingerprint(self, dataset: ImageFolderDataset) -> str:

@@ -45,7 +45,9 @@ def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing"
             f"unknown timestep_spacing {spacing!r}; valid: {', '.join(map(repr, TIMESTEP_SPACINGS))}"
         )
     if not 0 < steps <= num_timesteps:
-        raise ValueError(f"steps must be in 1..{num_timesteps} (the schedule's num_timesteps), got {steps}")
+        raise ValueError(
+            f"steps must be in 1..{num_timesteps} (the schedule's num_timesteps), got {steps}"
+        )
     if spacing == "linspace":
         ts = np.linspace(0, num_timesteps - 1, steps).round()[::-1]
     elif spacing == "leading":
@@ -74,7 +76,9 @@ def guided_prediction(
     if guidance_scale == 1.0:
         return model_fn(x_t, t, **cond)
     if uncond is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs `uncond` (the null condition); got None")
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs `uncond` (the null condition); got None"
+        )
     uncond = dict(uncond)
     if set(uncond) != set(cond):
         raise ValueError(f"uncond keys {sorted(uncond)} must equal cond keys {sorted(cond)}")
@@ -148,7 +152,13 @@ class Sampler:
         return x0, convert_prediction(pred, x_t, alpha, sigma, self.prediction_type, "eps")
 
     def step(
-        self, i: int, x_t: Tensor, x0: Tensor, eps: Tensor, generator: torch.Generator | None, state: Any
+        self,
+        i: int,
+        x_t: Tensor,
+        x0: Tensor,
+        eps: Tensor,
+        generator: torch.Generator | None,
+        state: Any,
     ) -> tuple[Tensor, Any]:
         raise NotImplementedError
 
@@ -215,7 +225,9 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
 
-    def __init__(self, schedule, steps, eta: float = 0.0, timestep_spacing="trailing", clip_x0=None):
+    def __init__(
+        self, schedule, steps, eta: float = 0.0, timestep_spacing="trailing", clip_x0=None
+    ):
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         super().__init__(schedule, steps, timestep_spacing, clip_x0)

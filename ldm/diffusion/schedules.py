@@ -117,14 +117,18 @@ def convert_prediction(
         x0 = (alpha * x_t - sigma * pred) / norm
         eps = (sigma * x_t + alpha * pred) / norm
     else:
-        raise ValueError(f"unknown prediction type {src!r}; valid: {', '.join(map(repr, PREDICTION_TYPES))}")
+        raise ValueError(
+            f"unknown prediction type {src!r}; valid: {', '.join(map(repr, PREDICTION_TYPES))}"
+        )
     if dst == "x0":
         return x0
     if dst == "eps":
         return eps
     if dst == "v":
         return alpha * eps - sigma * x0
-    raise ValueError(f"unknown prediction type {dst!r}; valid: {', '.join(map(repr, PREDICTION_TYPES))}")
+    raise ValueError(
+        f"unknown prediction type {dst!r}; valid: {', '.join(map(repr, PREDICTION_TYPES))}"
+    )
 
 
 class NoiseSchedule(nn.Module):
@@ -162,7 +166,9 @@ class NoiseSchedule(nn.Module):
         if explicit is not None:
             values = torch.as_tensor(list(explicit), dtype=torch.float64)  # (T,)
             if values.ndim != 1 or values.numel() == 0:
-                raise ValueError(f"explicit betas/sigmas must be a non-empty list, got shape {tuple(values.shape)}")
+                raise ValueError(
+                    f"explicit betas/sigmas must be a non-empty list, got shape {tuple(values.shape)}"
+                )
             if num_timesteps is not None and num_timesteps != values.numel():
                 raise ValueError(
                     f"num_timesteps={num_timesteps} does not match the {values.numel()} explicit values"
@@ -170,23 +176,36 @@ class NoiseSchedule(nn.Module):
             num_timesteps = values.numel()
             if betas is not None:
                 if not bool(((values > 0) & (values < 1)).all()):
-                    raise ValueError(f"betas must lie in (0, 1), got min {values.min().item()} max {values.max().item()}")
+                    raise ValueError(
+                        f"betas must lie in (0, 1), got min {values.min().item()} max {values.max().item()}"
+                    )
                 name, beta64 = "betas", values
             else:
                 if not bool(((values > 0) & values.isfinite()).all()):
-                    raise ValueError(f"sigmas must be positive and finite, got min {values.min().item()}")
+                    raise ValueError(
+                        f"sigmas must be positive and finite, got min {values.min().item()}"
+                    )
                 name, beta64 = "sigmas", betas_from_sigmas(values)
         else:
             _check_choice("schedule name", name, SCHEDULE_NAMES)
             num_timesteps = 1000 if num_timesteps is None else int(num_timesteps)
             if num_timesteps < 1:
                 raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
-            if name in ("linear", "scaled_linear", "sigmoid") and not 0 < beta_start <= beta_end < 1:
-                raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+            if (
+                name in ("linear", "scaled_linear", "sigmoid")
+                and not 0 < beta_start <= beta_end < 1
+            ):
+                raise ValueError(
+                    f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}"
+                )
             if name == "cosine":
                 beta64 = cosine_betas(num_timesteps)
             else:
-                make = {"linear": linear_betas, "scaled_linear": scaled_linear_betas, "sigmoid": sigmoid_betas}
+                make = {
+                    "linear": linear_betas,
+                    "scaled_linear": scaled_linear_betas,
+                    "sigmoid": sigmoid_betas,
+                }
                 beta64 = make[name](num_timesteps, beta_start, beta_end)
         if zero_terminal_snr:
             if prediction_type == "eps":
@@ -277,7 +296,9 @@ class NoiseSchedule(nn.Module):
         alpha, sigma = self._alpha_sigma(t, x0)
         return alpha * noise - sigma * x0
 
-    def loss_weight(self, t: Tensor, weighting: str = "uniform", min_snr_gamma: float = 5.0) -> Tensor:
+    def loss_weight(
+        self, t: Tensor, weighting: str = "uniform", min_snr_gamma: float = 5.0
+    ) -> Tensor:
         """Per-sample weight (B,) float32 of the MSE on self.prediction_type's target.
 
         "min_snr" is Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR

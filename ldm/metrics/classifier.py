@@ -33,7 +33,9 @@ class FeatureClassifier(nn.Module):
     ):
         super().__init__()
         if image_size < 16:
-            raise ValueError(f"image_size={image_size} is too small for the classifier; valid: >= 16")
+            raise ValueError(
+                f"image_size={image_size} is too small for the classifier; valid: >= 16"
+            )
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} must be >= 2")
         w1, w2 = widths

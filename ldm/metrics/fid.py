@@ -48,7 +48,10 @@ from ldm.utils.errors import UserError
 
 EXTRACTORS = ("classifier", "inception")
 # The TF FID Inception weights as ported by pytorch-fid (first) and torch-fidelity (second); same keys.
-INCEPTION_FILE_NAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_FILE_NAMES = (
+    "pt_inception-2015-12-05-6726825d.pth",
+    "weights-inception-2015-12-05-6726825d.pth",
+)
 INCEPTION_SIZE = 299
 
 
@@ -61,7 +64,9 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
         return x.expand(-1, channels, -1, -1)
     if channels == 1 and c == 3:
         return x.mean(dim=1, keepdim=True)
-    raise ValueError(f"images with {c} channels cannot feed a {channels}-channel feature extractor; valid: 1, 3, {channels}")
+    raise ValueError(
+        f"images with {c} channels cannot feed a {channels}-channel feature extractor; valid: 1, 3, {channels}"
+    )
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -125,7 +130,12 @@ def _inception_blocks():
         def _forward(self, x):
             b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
             b7d = self.branch7x7dbl_1(x)
-            for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            for conv in (
+                self.branch7x7dbl_2,
+                self.branch7x7dbl_3,
+                self.branch7x7dbl_4,
+                self.branch7x7dbl_5,
+            ):
                 b7d = conv(b7d)
             return [self.branch1x1(x), b7, b7d, self.branch_pool(_tf_avg_pool(x))]
 
@@ -158,7 +168,13 @@ def fid_inception_v3() -> nn.Module:
 
     block_a, block_c, block_e = _inception_blocks()
     blocks = [BasicConv2d, block_a, InceptionB, block_c, InceptionD, block_e, InceptionAux]
-    net = Inception3(num_classes=1008, aux_logits=False, transform_input=False, inception_blocks=blocks, init_weights=False)
+    net = Inception3(
+        num_classes=1008,
+        aux_logits=False,
+        transform_input=False,
+        inception_blocks=blocks,
+        init_weights=False,
+    )
     net.Mixed_7c.max_pool = True
     return net
 
@@ -207,10 +223,26 @@ class InceptionFeatures(_FrozenExtractor):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = resize(match_channels(x.float(), 3), INCEPTION_SIZE) * 2.0 - 1.0  # (B, 3, 299, 299)
         net = self.net
-        for layer in (net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, net.maxpool1,
-                      net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, net.maxpool2,
-                      net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b, net.Mixed_6c,
-                      net.Mixed_6d, net.Mixed_6e, net.Mixed_7a, net.Mixed_7b, net.Mixed_7c):
+        for layer in (
+            net.Conv2d_1a_3x3,
+            net.Conv2d_2a_3x3,
+            net.Conv2d_2b_3x3,
+            net.maxpool1,
+            net.Conv2d_3b_1x1,
+            net.Conv2d_4a_3x3,
+            net.maxpool2,
+            net.Mixed_5b,
+            net.Mixed_5c,
+            net.Mixed_5d,
+            net.Mixed_6a,
+            net.Mixed_6b,
+            net.Mixed_6c,
+            net.Mixed_6d,
+            net.Mixed_6e,
+            net.Mixed_7a,
+            net.Mixed_7b,
+            net.Mixed_7c,
+        ):
             x = layer(x)
         return net.avgpool(x).flatten(1)  # (B, 2048, 8, 8) -> (B, 2048)
 
@@ -266,19 +298,30 @@ class SampleMetrics(nn.Module):
             raise ValueError(f"kid_subset_size={kid_subset_size} must be >= 2")
         self.extractor, self.classifier = extractor, classifier
         self.num_features = int(extractor.num_features)
-        self.kid_subset_size, self.seed, self.sync_on_compute = kid_subset_size, seed, sync_on_compute
+        self.kid_subset_size, self.seed, self.sync_on_compute = (
+            kid_subset_size,
+            seed,
+            sync_on_compute,
+        )
         kw = {"reset_real_features": False, "normalize": True, "sync_on_compute": sync_on_compute}
         self.fid = FrechetInceptionDistance(feature=_Float64Features(self.num_features), **kw)
         with warnings.catch_warnings():  # storing all features is intended (we cap N ourselves)
-            warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save")
+            warnings.filterwarnings(
+                "ignore", message="Metric `Kernel Inception Distance` will save"
+            )
             self.kid = KernelInceptionDistance(
-                feature=_Float64Features(self.num_features), subsets=kid_subsets, subset_size=kid_subset_size, **kw
+                feature=_Float64Features(self.num_features),
+                subsets=kid_subsets,
+                subset_size=kid_subset_size,
+                **kw,
             )
         self.fid.set_dtype(torch.float64)
         self.kid.set_dtype(torch.float64)
         self.cas = None
         if classifier is not None and num_classes is not None:
-            self.cas = MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=sync_on_compute)
+            self.cas = MulticlassAccuracy(
+                num_classes=num_classes, average="micro", sync_on_compute=sync_on_compute
+            )
         self.num_real = 0
         self.register_buffer("num_fake", torch.zeros((), dtype=torch.long), persistent=False)
 
@@ -293,7 +336,9 @@ class SampleMetrics(nn.Module):
     def set_real_features(self, features: torch.Tensor) -> None:
         """Load the real features (N, d) (on rank 0 only when distributed); clears everything."""
         if features.ndim != 2 or features.shape[1] != self.num_features:
-            raise ValueError(f"real features of shape {tuple(features.shape)}; expected (N, {self.num_features})")
+            raise ValueError(
+                f"real features of shape {tuple(features.shape)}; expected (N, {self.num_features})"
+            )
         self.fid.reset_real_features = self.kid.reset_real_features = True
         self.reset()
         self.fid.reset_real_features = self.kid.reset_real_features = False
@@ -338,7 +383,12 @@ class SampleMetrics(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             kid_mean, kid_std = self.kid.compute()
-        out.update(kid=float(kid_mean), kid_std=float(kid_std), num_samples=num_fake, num_real=self.num_real)
+        out.update(
+            kid=float(kid_mean),
+            kid_std=float(kid_std),
+            num_samples=num_fake,
+            num_real=self.num_real,
+        )
         if self.cas is not None and self.cas.update_count > 0:
             out["cas"] = float(self.cas.compute())
         return out
@@ -357,7 +407,10 @@ class SampleMetrics(nn.Module):
 
 @torch.no_grad()
 def extract_features(
-    extractor: nn.Module, source: Dataset | Iterable | torch.Tensor, batch_size: int = 500, device: str | torch.device | None = None
+    extractor: nn.Module,
+    source: Dataset | Iterable | torch.Tensor,
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """Features (N, d) float32 on the CPU of images in [-1, 1]: a tensor, a Dataset or a loader."""
     device = module_device(extractor) if device is None else device
@@ -373,13 +426,18 @@ def fid_cache_dir(cache_dir: str | Path, fingerprint: str) -> Path:
     return Path(cache_dir) / "fid" / fingerprint
 
 
-def real_features_path(cache_dir: str | Path, fingerprint: str, extractor: nn.Module, split: str = "train") -> Path:
+def real_features_path(
+    cache_dir: str | Path, fingerprint: str, extractor: nn.Module, split: str = "train"
+) -> Path:
     """The cache file of one split's real features for one extractor (shared by training and sample.py)."""
     return fid_cache_dir(cache_dir, fingerprint) / f"real_{split}_{extractor.cache_key}.pt"
 
 
 def cached_real_features(
-    extractor: nn.Module, dataset: Dataset | Iterable, cache_file: Path | None, batch_size: int = 500
+    extractor: nn.Module,
+    dataset: Dataset | Iterable,
+    cache_file: Path | None,
+    batch_size: int = 500,
 ) -> torch.Tensor:
     """Real features (N, d), read from `cache_file` if present, else extracted and saved there."""
     if cache_file is not None and cache_file.is_file():
@@ -388,7 +446,10 @@ def cached_real_features(
             return payload["features"]
     feats = extract_features(extractor, dataset, batch_size)
     if cache_file is not None:
-        save_tensors({"features": feats, "extractor": extractor.cache_key, "num_images": len(feats)}, cache_file)
+        save_tensors(
+            {"features": feats, "extractor": extractor.cache_key, "num_images": len(feats)},
+            cache_file,
+        )
     return feats
 
 
@@ -412,7 +473,9 @@ def build_extractor(
     if labeled or name == "classifier":
         if datamodule is None or cache_dir is None:
             raise UserError("fid.extractor=classifier needs the data module and fid.cache_dir")
-        model, _ = get_or_train_classifier(datamodule, cache_dir, verbose=verbose, **(classifier or {}))
+        model, _ = get_or_train_classifier(
+            datamodule, cache_dir, verbose=verbose, **(classifier or {})
+        )
         clf = ClassifierFeatures(model)
     extractor = clf if name == "classifier" else InceptionFeatures(inception_weights)
     return extractor, clf
@@ -438,8 +501,13 @@ def compute_metrics(
     """
     num_classes = classifier.classifier.num_classes if classifier is not None else None
     metrics = SampleMetrics(
-        extractor, classifier, num_classes,
-        kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed, sync_on_compute=False,
+        extractor,
+        classifier,
+        num_classes,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        seed=seed,
+        sync_on_compute=False,
     )
     metrics.to(module_device(extractor))
     metrics.set_real_features(cached_real_features(extractor, reals, real_cache, batch_size))
@@ -485,7 +553,9 @@ def reference_scores(
     generator = torch.Generator().manual_seed(seed)
     for i in range(0, num_noise, batch_size):
         n = min(batch_size, num_noise - i)
-        metrics.update(torch.randn((n, *image_shape), generator=generator).clamp(-1.0, 1.0))  # (n, C, H, W)
+        metrics.update(
+            torch.randn((n, *image_shape), generator=generator).clamp(-1.0, 1.0)
+        )  # (n, C, H, W)
     ceiling = metrics.compute()
     metrics.reset()
     scores = {

@@ -49,7 +49,9 @@ def iter_image_batches(
     for batch in source:
         if isinstance(batch, Mapping):
             if "image" not in batch:
-                raise ValueError(f"batch keys {sorted(batch)} have no 'image' (FID needs images, not latents)")
+                raise ValueError(
+                    f"batch keys {sorted(batch)} have no 'image' (FID needs images, not latents)"
+                )
             yield batch["image"], batch.get("label")
         elif isinstance(batch, list | tuple):
             yield batch[0], batch[1] if len(batch) > 1 else None
@@ -57,7 +59,9 @@ def iter_image_batches(
             yield batch, None
 
 
-def collect_images(source: Dataset | Iterable, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor | None]:
+def collect_images(
+    source: Dataset | Iterable, batch_size: int = 500
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All images (N, C, H, W) and labels (N,) (or None) of a dataset or loader, on the CPU."""
     images, labels = [], []
     for x, y in iter_image_batches(source, batch_size):
@@ -68,7 +72,9 @@ def collect_images(source: Dataset | Iterable, batch_size: int = 500) -> tuple[t
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+def accuracy(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500
+) -> float:
     """Top-1 accuracy of `model` on images in [-1, 1]."""
     model.eval()
     device = next(model.parameters()).device
@@ -115,7 +121,9 @@ def train_classifier(
     if epochs <= 0:
         raise UserError(f"fid.classifier.epochs={epochs} must be >= 1")
     if len(train_images) < batch_size:
-        raise ValueError(f"{len(train_images)} training images < fid.classifier.batch_size={batch_size}")
+        raise ValueError(
+            f"{len(train_images)} training images < fid.classifier.batch_size={batch_size}"
+        )
     start = time.perf_counter()
     _, channels, height, width = train_images.shape
     if height != width:
@@ -128,7 +136,9 @@ def train_classifier(
         model = FeatureClassifier(channels, num_classes, height, widths, feature_dim).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         steps_per_epoch = len(train_images) // batch_size
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch
+        )
         for epoch in range(epochs):
             model.train()
             order = torch.randperm(len(train_images), generator=generator)
@@ -141,7 +151,9 @@ def train_classifier(
                 optimizer.step()
                 scheduler.step()
             if not math.isfinite(loss.item()):
-                raise RuntimeError(f"classifier training diverged (loss {loss.item()}) at epoch {epoch}; lower lr={lr}")
+                raise RuntimeError(
+                    f"classifier training diverged (loss {loss.item()}) at epoch {epoch}; lower lr={lr}"
+                )
             if log is not None:
                 log(f"classifier epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}")
     model = model.cpu().eval()
@@ -151,7 +163,13 @@ def train_classifier(
         "num_train": len(train_images),
         "num_test": len(val_images),
         "seconds": round(time.perf_counter() - start, 2),
-        "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "max_shift": max_shift},
+        "training": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "max_shift": max_shift,
+        },
         "config": model.config(),
     }
     return model, summary
@@ -162,7 +180,9 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def classifier_paths(cache_dir: str | Path, fingerprint: str, settings: Mapping[str, Any]) -> tuple[Path, Path]:
+def classifier_paths(
+    cache_dir: str | Path, fingerprint: str, settings: Mapping[str, Any]
+) -> tuple[Path, Path]:
     """(weights .pt, summary .json) of the classifier for one dataset and one set of settings."""
     stem = Path(cache_dir) / "fid" / fingerprint / f"classifier_{settings_hash(settings)}"
     return stem.with_suffix(".pt"), stem.with_suffix(".json")
@@ -174,7 +194,9 @@ def save_tensors(obj: Any, path: Path) -> None:
 
 
 def save_json(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+    atomic_write(
+        path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    )
 
 
 def load_classifier(weights: Path, summary_path: Path) -> tuple[FeatureClassifier, dict[str, Any]]:
@@ -203,7 +225,9 @@ def get_or_train_classifier(
     """
     unknown = set(settings) - set(DEFAULT_TRAINING) - set(DEFAULT_ARCH)
     if unknown:
-        raise UserError(f"unknown classifier settings {sorted(unknown)}; valid: {sorted({**DEFAULT_TRAINING, **DEFAULT_ARCH})}")
+        raise UserError(
+            f"unknown classifier settings {sorted(unknown)}; valid: {sorted({**DEFAULT_TRAINING, **DEFAULT_ARCH})}"
+        )
     settings = {**DEFAULT_TRAINING, **DEFAULT_ARCH, **settings}
     settings["widths"] = [int(w) for w in settings["widths"]]
     if getattr(datamodule, "num_classes", None) is None:
@@ -216,17 +240,29 @@ def get_or_train_classifier(
     say = print if verbose else (lambda _msg: None)
     if weights.is_file() and summary_path.is_file() and not retrain:
         model, summary = load_classifier(weights, summary_path)
-        say(f"FID classifier: loaded {weights} (test accuracy {summary['test_accuracy']:.4f} on {summary['num_test']} images)")
+        say(
+            f"FID classifier: loaded {weights} (test accuracy {summary['test_accuracy']:.4f} on {summary['num_test']} images)"
+        )
         return model, summary
 
     train_x, train_y = collect_images(datamodule.train_dataset)
     val_x, val_y = collect_images(datamodule.val_dataset)
     if train_y is None or val_y is None:
-        raise ValueError("the data module's items carry no 'label'; the FID classifier needs labels")
+        raise ValueError(
+            "the data module's items carry no 'label'; the FID classifier needs labels"
+        )
     arch = {k: settings[k] for k in DEFAULT_ARCH}
     training = {k: settings[k] for k in DEFAULT_TRAINING}
     model, summary = train_classifier(
-        train_x, train_y, val_x, val_y, datamodule.num_classes, **training, **arch, device=device, log=None
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        datamodule.num_classes,
+        **training,
+        **arch,
+        device=device,
+        log=None,
     )
     summary["dataset"] = datamodule.fingerprint()
     save_tensors(model.state_dict(), weights)

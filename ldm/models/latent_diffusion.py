@@ -81,7 +81,9 @@ class LatentDiffusion(pl.LightningModule):
     ):
         super().__init__()
         if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting={loss_weighting!r} is not one of {list(LOSS_WEIGHTINGS)}")
+            raise ValueError(
+                f"loss_weighting={loss_weighting!r} is not one of {list(LOSS_WEIGHTINGS)}"
+            )
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob={cond_drop_prob} must be in [0, 1]")
         if unet.in_channels != autoencoder.latent_channels:
@@ -205,7 +207,9 @@ class LatentDiffusion(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         return loss
 
-    def fixed_noise_loss(self, batch: dict[str, torch.Tensor], batch_idx: int) -> tuple[torch.Tensor, int]:
+    def fixed_noise_loss(
+        self, batch: dict[str, torch.Tensor], batch_idx: int
+    ) -> tuple[torch.Tensor, int]:
         """(loss, batch size) at t spread evenly over [0, T-1] with noise seeded by
         val_seed + batch_idx, drawn on the CPU so the number is comparable across runs and devices."""
         x0 = self.batch_latents(batch)  # (B, c, h, w)
@@ -213,7 +217,9 @@ class LatentDiffusion(pl.LightningModule):
         b = x0.shape[0]
         g = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
         noise = torch.randn(x0.shape, generator=g).to(device=self.device, dtype=x0.dtype)
-        t = torch.linspace(0, self.schedule.num_timesteps - 1, b).round().long().to(self.device)  # (B,)
+        t = (
+            torch.linspace(0, self.schedule.num_timesteps - 1, b).round().long().to(self.device)
+        )  # (B,)
         return self.diffusion_loss(x0, t, noise, labels), b
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -239,10 +245,14 @@ class LatentDiffusion(pl.LightningModule):
             return
         labels, scale, nrow = None, 1.0, math.ceil(math.sqrt(n))
         if self.num_classes is not None:
-            labels = torch.arange(n, device=self.device) % self.num_classes  # (n,) 0..K-1, 0..K-1, ...
+            labels = (
+                torch.arange(n, device=self.device) % self.num_classes
+            )  # (n,) 0..K-1, 0..K-1, ...
             scale, nrow = self.hparams.val_guidance_scale, min(n, self.num_classes)
         g = torch.Generator().manual_seed(self.hparams.val_seed)
-        images = self.sample(n, class_labels=labels, guidance_scale=scale, generator=g)  # (n, C, H, W)
+        images = self.sample(
+            n, class_labels=labels, guidance_scale=scale, generator=g
+        )  # (n, C, H, W)
         grid = make_grid(to_display_range(images), nrow=nrow, padding=2)  # (C, H', W') in [0, 1]
         log_image_grid(self.trainer, "val/samples", grid, self.global_step)
 
@@ -275,7 +285,9 @@ class LatentDiffusion(pl.LightningModule):
         if labels.ndim == 0:
             labels = labels.expand(num_samples)
         if labels.shape != (num_samples,):
-            raise ValueError(f"class_labels has shape {tuple(labels.shape)}; expected ({num_samples},)")
+            raise ValueError(
+                f"class_labels has shape {tuple(labels.shape)}; expected ({num_samples},)"
+            )
         bad = labels[(labels < 0) | (labels >= self.num_classes)]
         if bad.numel():
             raise ValueError(
@@ -310,7 +322,9 @@ class LatentDiffusion(pl.LightningModule):
         sampler = sampler if sampler is not None else self.build_sampler()
         shape = (num_samples, *(latent_shape or self.latent_shape))
         noise_device = generator.device if generator is not None else self.device
-        x_T = torch.randn(shape, generator=generator, device=noise_device).to(self.device)  # (N, c, h, w)
+        x_T = torch.randn(shape, generator=generator, device=noise_device).to(
+            self.device
+        )  # (N, c, h, w)
         cond = uncond = None
         if labels is not None:
             cond = {"class_labels": labels}
@@ -337,4 +351,7 @@ class LatentDiffusion(pl.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

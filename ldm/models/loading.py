@@ -12,16 +12,22 @@ from ldm.utils.errors import UserError
 from ldm.utils.instantiate import safe_instantiate
 
 
-def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+def load_state_strict(
+    module: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path
+) -> None:
     """`load_state_dict(strict=True)` with a one-line error naming the checkpoint on a mismatch."""
     mismatch = state_dict_mismatch(module.state_dict(), state_dict)
     if mismatch:
-        raise UserError(f"checkpoint {str(path)!r} does not fit the model its config describes: {mismatch}")
+        raise UserError(
+            f"checkpoint {str(path)!r} does not fit the model its config describes: {mismatch}"
+        )
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
         detail = str(err).splitlines()[0] if str(err) else "mismatch"
-        raise UserError(f"checkpoint {str(path)!r} does not fit the model its config describes: {detail}") from err
+        raise UserError(
+            f"checkpoint {str(path)!r} does not fit the model its config describes: {detail}"
+        ) from err
 
 
 def autoencoder_from_checkpoint(ckpt: dict[str, Any], path: str | Path) -> torch.nn.Module:
@@ -38,7 +44,9 @@ def load_autoencoder(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]
     return autoencoder_from_checkpoint(ckpt, path), ckpt["ldm"]["config"]["model"]["autoencoder"]
 
 
-def latent_diffusion_from_checkpoint(ckpt: dict[str, Any], path: str | Path, use_ema: bool = True) -> torch.nn.Module:
+def latent_diffusion_from_checkpoint(
+    ckpt: dict[str, Any], path: str | Path, use_ema: bool = True
+) -> torch.nn.Module:
     """Build a LatentDiffusion module (with its frozen autoencoder) from a stage-2 checkpoint.
 
     The checkpoint's `state_dict` holds the EMA weights when EMA was on (Lightning's weight
@@ -52,13 +60,17 @@ def latent_diffusion_from_checkpoint(ckpt: dict[str, Any], path: str | Path, use
     state = ckpt["state_dict"]
     if not use_ema:
         if "current_model_state" not in ckpt:
-            raise UserError(f"{where} has no separate non-EMA weights (EMA was off); use use_ema=true")
+            raise UserError(
+                f"{where} has no separate non-EMA weights (EMA was off); use use_ema=true"
+            )
         state = ckpt["current_model_state"]
     load_state_strict(model, state, path)
     return model.eval()
 
 
-def load_latent_diffusion(path: str | Path, use_ema: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_latent_diffusion(
+    path: str | Path, use_ema: bool = True
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(LatentDiffusion in eval mode, the checkpoint dict) from a stage-2 checkpoint."""
     ckpt = load_checkpoint(path, expected_stage="diffusion")
     return latent_diffusion_from_checkpoint(ckpt, path, use_ema), ckpt

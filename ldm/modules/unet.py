@@ -68,7 +68,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
-        scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # 2 x (B, out, 1, 1)
+        scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(
+            2, dim=1
+        )  # 2 x (B, out, 1, 1)
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
@@ -95,7 +97,9 @@ class AttentionBlock(nn.Module):
         nh = self.num_heads
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
-        q, k, v = qkv.view(b, h * w, 3, nh, c // nh).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, HW, d)
+        q, k, v = (
+            qkv.view(b, h * w, 3, nh, c // nh).permute(2, 0, 3, 1, 4).unbind(0)
+        )  # 3 x (B, nh, HW, d)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, HW, d)
         out = out.transpose(1, 2).reshape(b, h * w, c)  # (B, HW, C)
         out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, HW, C)
@@ -159,7 +163,9 @@ class UNet(nn.Module):
         super().__init__()
         channel_mult, attention_levels = list(channel_mult), list(attention_levels)
         if not channel_mult or min(channel_mult) <= 0:
-            raise ValueError(f"channel_mult={channel_mult} must be a non-empty list of positive ints")
+            raise ValueError(
+                f"channel_mult={channel_mult} must be a non-empty list of positive ints"
+            )
         bad_levels = [i for i in attention_levels if not 0 <= i < len(channel_mult)]
         if bad_levels:
             raise ValueError(
@@ -199,16 +205,22 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList([Downsample(ch)]))
                 skip_channels.append(ch)
 
-        self.mid = nn.ModuleList([
-            ResBlock(ch, ch, emb_dim, dropout, groups),
-            AttentionBlock(ch, num_heads, groups),
-            ResBlock(ch, ch, emb_dim, dropout, groups),
-        ])
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(ch, ch, emb_dim, dropout, groups),
+                AttentionBlock(ch, num_heads, groups),
+                ResBlock(ch, ch, emb_dim, dropout, groups),
+            ]
+        )
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                blocks = [ResBlock(ch + skip_channels.pop(), model_channels * mult, emb_dim, dropout, groups)]
+                blocks = [
+                    ResBlock(
+                        ch + skip_channels.pop(), model_channels * mult, emb_dim, dropout, groups
+                    )
+                ]
                 ch = model_channels * mult
                 if level in attention_levels:
                     blocks.append(AttentionBlock(ch, num_heads, groups))
@@ -225,7 +237,9 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.model_channels))  # (B, E)
         if self.class_embed is None:
             if class_labels is not None:
-                raise ValueError("class_labels given but the UNet is unconditional (num_classes=None)")
+                raise ValueError(
+                    "class_labels given but the UNet is unconditional (num_classes=None)"
+                )
             return emb
         if class_labels is None:
             class_labels = torch.full_like(t, self.num_classes)

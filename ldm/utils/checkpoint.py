@@ -49,16 +49,22 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
                 f"{what} {str(path)!r} holds pickled objects other than tensors and plain data "
                 f"({refused.group(1)}); refused, nothing in it was run"
             ) from err
-        raise UserError(f"{what} {str(path)!r} is truncated or not a torch checkpoint (unknown format)") from err
+        raise UserError(
+            f"{what} {str(path)!r} is truncated or not a torch checkpoint (unknown format)"
+        ) from err
     except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile, OSError) as err:
         # RuntimeError: a cut zip archive; EOFError: empty or cut legacy file; KeyError: foreign bytes.
         if "mmap can only be used" in str(err):  # legacy (non-zip) or foreign bytes, read with mmap
             detail = "not a zip-format torch file"
         elif isinstance(err, RuntimeError | OSError):
-            detail = str(err).splitlines()[0].split(". ")[0][:120] if str(err) else type(err).__name__
+            detail = (
+                str(err).splitlines()[0].split(". ")[0][:120] if str(err) else type(err).__name__
+            )
         else:
             detail = "file is empty" if path.stat().st_size == 0 else "unknown format"
-        raise UserError(f"{what} {str(path)!r} is truncated or not a torch checkpoint ({detail})") from err
+        raise UserError(
+            f"{what} {str(path)!r} is truncated or not a torch checkpoint ({detail})"
+        ) from err
 
 
 def check_ldm_checkpoint(ckpt: Any, path: str | Path, expected_stage: str | None = None) -> None:
@@ -90,11 +96,18 @@ def state_dict_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str 
     shapes = [
         f"{k}: {tuple(given[k].shape)} in the file, {tuple(v.shape)} in the model"
         for k, v in expected.items()
-        if k in given and torch.is_tensor(v) and torch.is_tensor(given[k]) and given[k].shape != v.shape
+        if k in given
+        and torch.is_tensor(v)
+        and torch.is_tensor(given[k])
+        and given[k].shape != v.shape
     ]
     parts = [
         f"{len(found)} {label} (first: {found[0]})"
-        for label, found in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        for label, found in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        )
         if found
     ]
     return "; ".join(parts) or None

@@ -33,10 +33,14 @@ def check_group_overrides(argv: list[str], conf_dir: Path) -> None:
         options = group_options(conf_dir, group)
         for option in value.split(","):
             option = option.strip()
-            if option in ("null", "") or option.startswith(("choice(", "range(", "interval(", "glob(")):
+            if option in ("null", "") or option.startswith(
+                ("choice(", "range(", "interval(", "glob(")
+            ):
                 continue
             if option not in options:
-                raise UserError(f"{key}={option!r} is not an option of '{group}'; choose one of: {', '.join(options)}")
+                raise UserError(
+                    f"{key}={option!r} is not an option of '{group}'; choose one of: {', '.join(options)}"
+                )
 
 
 # Per-stage sections hold only the keys that differ from `trainer` / `data`; any Trainer or data
@@ -53,6 +57,11 @@ def open_section_overrides(argv: list[str]) -> list[str]:
 def exit_on_user_error(err: UserError) -> None:
     """Print the one-line error and exit with status 2."""
     # An error re-raised from a DataLoader worker carries the worker's traceback; its last line is ours.
-    message = str(err).strip().splitlines()[-1].removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")
+    message = (
+        str(err)
+        .strip()
+        .splitlines()[-1]
+        .removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")
+    )
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)

@@ -30,9 +30,13 @@ def unshared(state_dict: dict[str, Any], path: str | Path) -> dict[str, torch.Te
     tensors, seen = {}, set()
     for key, value in state_dict.items():
         if not torch.is_tensor(value):
-            raise UserError(f"checkpoint {str(path)!r}: state_dict[{key!r}] is a {type(value).__name__}, not a tensor")
+            raise UserError(
+                f"checkpoint {str(path)!r}: state_dict[{key!r}] is a {type(value).__name__}, not a tensor"
+            )
         ptr = value.untyped_storage().data_ptr()
-        tensors[key] = value.detach().clone().contiguous() if ptr in seen else value.detach().contiguous()
+        tensors[key] = (
+            value.detach().clone().contiguous() if ptr in seen else value.detach().contiguous()
+        )
         seen.add(ptr)
     return tensors
 
@@ -63,7 +67,9 @@ def read_safetensors_export(path: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as err:
-        raise UserError(f"{str(path)!r} holds unreadable '{METADATA_KEY}' metadata ({err})") from err
+        raise UserError(
+            f"{str(path)!r} holds unreadable '{METADATA_KEY}' metadata ({err})"
+        ) from err
     ckpt = {"state_dict": state_dict, "ldm": meta}
     check_ldm_checkpoint(ckpt, path)
     return ckpt
@@ -83,7 +89,9 @@ def load_safetensors_export(path: str | Path, expected_stage: str | None = None)
 def main(argv: list[str] | None = None) -> None:
     from ldm.utils.cli import exit_on_user_error
 
-    parser = argparse.ArgumentParser(prog="python -m ldm.utils.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m ldm.utils.export", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("ckpt", help="an ldm checkpoint (.ckpt) of either stage")
     parser.add_argument("out", help="the .safetensors file to write")
     args = parser.parse_args(argv)
@@ -91,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
         out = export_safetensors(args.ckpt, args.out)
     except UserError as err:
         exit_on_user_error(err)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); load it with ldm.utils.export.load_safetensors_export")
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); load it with ldm.utils.export.load_safetensors_export"
+    )
 
 
 if __name__ == "__main__":

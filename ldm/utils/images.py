@@ -49,5 +49,7 @@ def save_png(image: torch.Tensor, path: str | Path) -> None:
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"image of shape {tuple(image.shape)} must be (C, H, W) with C in (1, 3)")
     pixels = to_display_range(image).mul(255).add(0.5).clamp(0, 255).byte().cpu()  # (C, H, W) uint8
-    array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()  # (H, W[, 3])
+    array = (
+        pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+    )  # (H, W[, 3])
     Image.fromarray(array).save(path)

@@ -57,12 +57,18 @@ def check_targets(node: Any, where: str = "config", key: str = "") -> None:
         for i, value in enumerate(node):
             check_targets(value, where, f"{key}[{i}]")
     elif isinstance(node, str) and "${" in node:
-        raise UserError(f"{where} holds an interpolation at {key}={node!r}; stored configs are plain values")
+        raise UserError(
+            f"{where} holds an interpolation at {key}={node!r}; stored configs are plain values"
+        )
 
 
-def safe_instantiate(config: Mapping | DictConfig, where: str = "stored config", **kwargs: Any) -> Any:
+def safe_instantiate(
+    config: Mapping | DictConfig, where: str = "stored config", **kwargs: Any
+) -> Any:
     """Instantiate a config that came from a file (checkpoint), after checking every `_target_`."""
-    plain = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    plain = (
+        OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    )
     check_targets(plain, where)
     return hydra.utils.instantiate(plain, **kwargs)
 

@@ -71,13 +71,17 @@ def check_missing(cfg: DictConfig) -> None:
     missing = [k for k in find_missing(cfg) if not k.startswith("hydra.")]
     if missing:
         more = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
-        raise UserError(f"{missing[0]} is required but not set{more}: add {missing[0]}=VALUE to the command line")
+        raise UserError(
+            f"{missing[0]} is required but not set{more}: add {missing[0]}=VALUE to the command line"
+        )
 
 
 def check_resolvable(cfg: DictConfig) -> None:
     """Every interpolation resolves (a dangling `${...}` would otherwise fail mid-run)."""
     try:
-        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+        OmegaConf.to_container(
+            OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+        )
     except OmegaConfBaseException as err:
         where = getattr(err, "full_key", None) or "config"
         raise UserError(f"{where}: {str(err).splitlines()[0]}") from err
@@ -86,11 +90,15 @@ def check_resolvable(cfg: DictConfig) -> None:
 def check_run_keys(cfg: DictConfig) -> None:
     ckpt_path, ae_ckpt = cfg.get("ckpt_path"), cfg.get("autoencoder_ckpt")
     if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():
-        raise UserError(f"ckpt_path={ckpt_path!r} does not exist; give a checkpoint file, `last`, or null")
+        raise UserError(
+            f"ckpt_path={ckpt_path!r} does not exist; give a checkpoint file, `last`, or null"
+        )
     if cfg.stage == "diffusion" and not ae_ckpt:
         raise UserError("stage=diffusion needs autoencoder_ckpt=PATH (a stage-1 checkpoint)")
     if cfg.stage == "diffusion" and not Path(ae_ckpt).is_file():
-        raise UserError(f"autoencoder_ckpt={ae_ckpt!r} does not exist; give a stage-1 checkpoint file")
+        raise UserError(
+            f"autoencoder_ckpt={ae_ckpt!r} does not exist; give a stage-1 checkpoint file"
+        )
     if cfg.stage != "diffusion" and ae_ckpt:
         raise UserError(
             f"autoencoder_ckpt={ae_ckpt!r} is used only with stage=diffusion; stage={cfg.stage} "
@@ -100,7 +108,10 @@ def check_run_keys(cfg: DictConfig) -> None:
 
 def check_data(data: DictConfig) -> None:
     mode = OmegaConf.select(data, "source.mode")
-    if mode in IMAGE_FOLDER_MODE_CHANNELS and data.get("num_channels") != IMAGE_FOLDER_MODE_CHANNELS[mode]:
+    if (
+        mode in IMAGE_FOLDER_MODE_CHANNELS
+        and data.get("num_channels") != IMAGE_FOLDER_MODE_CHANNELS[mode]
+    ):
         raise UserError(
             f"data.num_channels={data.get('num_channels')} but data.source.mode={mode} gives "
             f"{IMAGE_FOLDER_MODE_CHANNELS[mode]}; set data.num_channels={IMAGE_FOLDER_MODE_CHANNELS[mode]}"
@@ -115,7 +126,9 @@ def downsample_factor(autoencoder: dict[str, Any]) -> int:
 def check_downsampling(image_size: int, autoencoder: dict[str, Any]) -> None:
     f = downsample_factor(autoencoder)
     if image_size % f:
-        sizes = ", ".join(str(s) for s in range(f * (image_size // f), image_size + 2 * f, f) if s > 0)
+        sizes = ", ".join(
+            str(s) for s in range(f * (image_size // f), image_size + 2 * f, f) if s > 0
+        )
         raise UserError(
             f"data.image_size={image_size} is not divisible by the autoencoder's downsampling factor "
             f"{f} (its encoder.ch_mult has {len(autoencoder['encoder']['ch_mult'])} levels); "
@@ -126,8 +139,11 @@ def check_downsampling(image_size: int, autoencoder: dict[str, Any]) -> None:
 def check_autoencoder_stage_trainer(cfg: DictConfig) -> None:
     """Lightning rejects trainer.gradient_clip_val for manual optimization (the autoencoder's GAN
     steps) only when stage 1 starts; say so up front and name the setting that does apply."""
-    clip = OmegaConf.select(cfg, "stage_trainer.autoencoder.gradient_clip_val",
-                            default=cfg.trainer.get("gradient_clip_val"))
+    clip = OmegaConf.select(
+        cfg,
+        "stage_trainer.autoencoder.gradient_clip_val",
+        default=cfg.trainer.get("gradient_clip_val"),
+    )
     if clip:
         raise UserError(
             f"trainer.gradient_clip_val={clip} does not apply to the autoencoder (it steps its own "
@@ -192,7 +208,9 @@ def with_stage1_autoencoder(cfg: DictConfig) -> DictConfig:
     return effective
 
 
-def check_writable(path: str | Path, min_free_mb: float = MIN_FREE_MB, what: str = "output dir") -> Path:
+def check_writable(
+    path: str | Path, min_free_mb: float = MIN_FREE_MB, what: str = "output dir"
+) -> Path:
     """Create `path`, write, fsync and delete a probe file in it, and require `min_free_mb` free.
 
     Run at start-up so a read-only, missing-parent or full disk fails now, not at the first
@@ -209,7 +227,9 @@ def check_writable(path: str | Path, min_free_mb: float = MIN_FREE_MB, what: str
         probe.unlink()
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise UserError(f"{what} {str(path)!r} is not writable ({reason}); choose a writable directory") from err
+        raise UserError(
+            f"{what} {str(path)!r} is not writable ({reason}); choose a writable directory"
+        ) from err
     free_mb = shutil.disk_usage(path).free / 2**20
     if free_mb < min_free_mb:
         raise UserError(

@@ -58,7 +58,12 @@ def read_history(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+            rows.append(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
         elif kind == "run":
             info.update(group=record.run.run_group, name=record.run.display_name)
         elif kind == "config":

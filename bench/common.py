@@ -28,7 +28,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
 CONF_DIR = ROOT / "conf"
-# Caches shared with training runs (FID classifier, real features), as conf/paths/default.yaml puts them.
+# Caches shared with training runs (FID classifier, real features), where conf/paths/default.yaml
+# puts them.
 CACHE_DIR = ROOT / ".cache" / "ldm"
 if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ on the path, not the repo root
     sys.path.insert(0, str(ROOT))
@@ -125,7 +126,8 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
 
 def load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages (other processes compete for the cores: read timings with it)."""
+    """1, 5 and 15 minute load averages (other processes compete for the cores: read timings with
+    it)."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -182,7 +184,8 @@ def median(values: Sequence[float]) -> float:
 
 
 def median_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
-    """Median over rounds of numerator[i] / denominator[i] (paired by round, so load spikes cancel)."""
+    """Median over rounds of numerator[i] / denominator[i] (paired by round, so load spikes
+    cancel)."""
     if len(numerator) != len(denominator) or not numerator:
         raise ValueError(
             f"need equally many paired times, got {len(numerator)} and {len(denominator)}"
@@ -198,7 +201,8 @@ def spread(values: Sequence[float]) -> str:
 # ---------------------------------------------------------------------------- model steps
 class ModelSteps:
     """The two timed steps of a denoiser on fixed inputs: `train_step` (forward, MSE to `eps`,
-    backward, optimizer step) and `sample_step` (one forward without gradients = one denoising step).
+    backward, optimizer step) and `sample_step` (one forward without gradients = one denoising
+    step).
 
     `call(model, x_t, t, labels) -> prediction` adapts the model's signature; `inputs` holds
     "x" (B, C, H, W), "t" (B,), "y" (B,) and "eps" (B, C, H, W). `dtype="bf16"` runs under autocast;
@@ -352,7 +356,8 @@ def compose_project_config(overrides: Sequence[str], workdir: Path) -> Any:
 
 
 def newest_checkpoint(output_dir: Path, stage: str) -> Path:
-    """The checkpoint ldm.train.run left for `stage`: last.ckpt, else final.ckpt, else the newest."""
+    """The checkpoint ldm.train.run left for `stage`: last.ckpt, else final.ckpt, else the
+    newest."""
     folder = Path(output_dir) / "checkpoints" / stage
     for name in ("last.ckpt", "final.ckpt"):
         if (folder / name).is_file():
@@ -403,7 +408,8 @@ def diffusers_twin(unet_kwargs: dict[str, Any], sample_size: int) -> torch.nn.Mo
     head_dims = {widths[i] // heads for i in attn} | {widths[-1] // heads}
     if len(head_dims) != 1:
         raise ValueError(
-            f"attention widths {sorted(head_dims)} per head differ; UNet2DModel has one attention_head_dim"
+            f"attention widths {sorted(head_dims)} per head differ; "
+            "UNet2DModel has one attention_head_dim"
         )
     num_classes = unet_kwargs.get("num_classes")
     return UNet2DModel(
@@ -434,7 +440,8 @@ def num_params(module: torch.nn.Module) -> int:
 class FIDScorer:
     """FID/KID/CAS of generated images against the MNIST-5k train split with the project's own
     classifier features (ldm.metrics.fid: build_extractor + compute_metrics; offline). The
-    classifier and the real features are cached in the repository's .cache/ldm like training runs."""
+    classifier and the real features are cached in the repository's .cache/ldm like training
+    runs."""
 
     def __init__(self, datamodule: Any, classifier_settings: dict[str, Any] | None = None):
         from ldm.metrics.fid import build_extractor, real_features_path
@@ -472,8 +479,8 @@ class FIDScorer:
         return {k: scores[k] for k in ("fid", "kid", "cas", "num_samples") if k in scores}
 
     def real_floor(self, datamodule: Any, n: int) -> dict[str, float]:
-        """Scores of `n` held-out real images (the val split) as if generated: the best FID reachable
-        at this N, to read the generated scores against (small N biases FID upwards)."""
+        """Scores of `n` held-out real images (the val split) as if generated: the best FID
+        reachable at this N, to read the generated scores against (small N biases FID upwards)."""
         from ldm.metrics.train_classifier import collect_images
 
         images, labels = collect_images(datamodule.val_dataset)
@@ -495,7 +502,8 @@ def sample_latent_model(
     clock_name: str = "wall",
 ) -> tuple[torch.Tensor, float]:
     """Images (N, C, H, W) in [-1, 1] from a LatentDiffusion with `sampler` for `labels` (N,), one
-    seeded CPU generator for all batches, and the seconds (on `clock_name`) it took, decoding included."""
+    seeded CPU generator for all batches, and the seconds (on `clock_name`) it took, decoding
+    included."""
     generator = torch.Generator().manual_seed(seed)
     n = len(labels)
     out = []

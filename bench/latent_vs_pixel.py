@@ -1,4 +1,5 @@
-"""Latent vs pixel diffusion on MNIST-5k: throughput of one UNet class on both, then FID at equal budget.
+"""Latent vs pixel diffusion on MNIST-5k: throughput of one UNet class on both, then FID at equal
+budget.
 
 Part A (throughput, same UNet class `ldm.modules.unet.UNet`, same batch size):
 - latent: the project's CPU preset (conf/model/diffusion/small.yaml) on 8x8x4 stage-1 latents
@@ -355,7 +356,8 @@ def main() -> None:
         "--save-ckpt",
         type=Path,
         default=None,
-        help="write the latent model's checkpoint here (default .cache/bench/latent_vs_pixel[_quick].ckpt)",
+        help="write the latent model's checkpoint here "
+        "(default .cache/bench/latent_vs_pixel[_quick].ckpt)",
     )
     parser.add_argument("--skip-fid", action="store_true", help="part A only")
     args = parser.parse_args()
@@ -375,9 +377,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         ae_ckpt, ae_seconds = get_autoencoder(args, workdir)
-        print(
-            f"stage 1: {ae_ckpt} ({'given' if ae_seconds is None else f'trained here in {ae_seconds:.0f} s wall'})"
-        )
+        how = "given" if ae_seconds is None else f"trained here in {ae_seconds:.0f} s wall"
+        print(f"stage 1: {ae_ckpt} ({how})")
         autoencoder, _ = load_autoencoder(ae_ckpt)
         cfg = compose_project_config(
             [

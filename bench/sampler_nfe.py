@@ -1,4 +1,5 @@
-"""Sampler NFE sweep: FID and time vs model evaluations for DDIM, DPM-Solver++ and DDPM on one checkpoint.
+"""Sampler NFE sweep: FID and time vs model evaluations for DDIM, DPM-Solver++ and DDPM on one
+checkpoint.
 
 For one trained stage-2 checkpoint: N images (every class equally often, no guidance, the same
 seeded start noise for every setting) with DDIM (eta 0) and DPM-Solver++(2M) at NFE 10/20/50/100/250
@@ -6,7 +7,7 @@ and ancestral DDPM at NFE 1000; FID/KID/CAS on the project's classifier features
 MNIST-5k train split; process CPU seconds and wall seconds of generation (decoding included).
 Writes bench/results/sampler_nfe[_quick].{json,png}.
 
-    python bench/sampler_nfe.py --quick                 # trains a tiny model with ldm.train.run first
+    python bench/sampler_nfe.py --quick      # trains a tiny model with ldm.train.run first
     python bench/sampler_nfe.py --ckpt .cache/bench/latent_vs_pixel.ckpt
 """
 
@@ -38,8 +39,8 @@ LABELS = {"ddim": "DDIM", "dpm_solver": "DPM-Solver++(2M)", "ddpm": "DDPM"}
 
 
 def train_checkpoint(args: Any, workdir: Path) -> tuple[Path, float | None]:
-    """A stage-2 checkpoint from `ldm.train.run` (both stages): quick = debug=fast with a little more
-    training and T = 1000 (so NFE 250 and 1000 exist); full = the default configs, shortened to
+    """A stage-2 checkpoint from `ldm.train.run` (both stages): quick = debug=fast with a little
+    more training and T = 1000 (so NFE 250 and 1000 exist); full = the default configs, shortened to
     2 + 8 epochs without EMA.
     Kept in `workdir` and reused by later runs (seconds None then); --retrain trains anew."""
     run_dir = workdir / "run"
@@ -137,9 +138,8 @@ def main() -> None:
         ckpt, train_s = train_checkpoint(
             args, CKPT_DIR / f"sampler_nfe{'_quick' if args.quick else ''}"
         )
-        print(
-            f"checkpoint {ckpt} ({'reused' if train_s is None else f'trained in {train_s:.0f} s wall'})"
-        )
+        how = "reused" if train_s is None else f"trained in {train_s:.0f} s wall"
+        print(f"checkpoint {ckpt} ({how})")
     model, payload = load_latent_diffusion(ckpt, use_ema=not args.no_ema)
     config = payload["ldm"]["config"]
     datamodule = safe_instantiate(config["data"], where=f"checkpoint {str(ckpt)!r} (data)")
@@ -178,7 +178,8 @@ def main() -> None:
             }
         )
         print(
-            f"{name:10s} NFE {nfe:5d}: FID {scores['fid']:.2f}  {cpu_s:.1f} CPU-s  {wall:.1f} s wall",
+            f"{name:10s} NFE {nfe:5d}: FID {scores['fid']:.2f}  "
+            f"{cpu_s:.1f} CPU-s  {wall:.1f} s wall",
             flush=True,
         )
 

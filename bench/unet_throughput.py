@@ -132,7 +132,8 @@ def run_config(preset: str, batch: int, args: Any) -> list[dict[str, Any]]:
     unet_kwargs, optimizer_cfg = diffusion_preset(preset)
     if not optimizer_cfg.get("fused"):
         print(
-            f"note: conf/model/diffusion/{preset}.yaml does not set optimizer.fused; `ours` = foreach too"
+            f"note: conf/model/diffusion/{preset}.yaml does not set optimizer.fused; "
+            "`ours` = foreach too"
         )
     benches = {v: build(v, unet_kwargs, optimizer_cfg, batch, args) for v in VARIANTS}
     # Same weights for the two `ours` variants (they differ only in the optimizer).
@@ -196,7 +197,8 @@ def run_config(preset: str, batch: int, args: Any) -> list[dict[str, Any]]:
             )
         rows.append(row)
         print(
-            f"{preset} b={batch} {name}: train {train_ips:.1f} img/s, sample {sample_ips:.1f} img/s",
+            f"{preset} b={batch} {name}: "
+            f"train {train_ips:.1f} img/s, sample {sample_ips:.1f} img/s",
             flush=True,
         )
     return rows

@@ -1,4 +1,5 @@
-"""FID/KID/CAS: the classifier, the metric glue, the Inception path and the FID callback (offline)."""
+"""FID/KID/CAS: the classifier, the metric glue, the Inception path and the FID callback
+(offline)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def mnist():
 
 @pytest.fixture(scope="session")
 def tiny_extractor(mnist) -> ClassifierFeatures:
-    """A classifier trained on MNIST-5k in a tiny budget (2 epochs of a narrow net, a few seconds)."""
+    """A classifier trained on MNIST-5k in a tiny budget (2 epochs of a narrow net, a few
+    seconds)."""
     train_x, train_y, val_x, val_y = mnist
     model, summary = train_classifier(train_x, train_y, val_x, val_y, 10, **TINY_CLASSIFIER)
     assert summary["test_accuracy"] > 0.9  # features good enough for the tests below
@@ -199,7 +201,7 @@ def test_bad_inputs_name_the_bad_value():
         get_or_train_classifier(unlabeled, "unused")
 
 
-# ---- the classifier: training and caching ---------------------------------------------------------
+# ---- the classifier: training and caching --------------------------------------------------------
 
 
 def test_get_or_train_classifier_trains_once_and_caches(tmp_path, capsys):
@@ -267,7 +269,8 @@ def test_inception_without_weights_says_which_file_and_where(tmp_path, monkeypat
 def test_inception_features_from_a_local_weights_file(tmp_path, monkeypatch):
     torch.manual_seed(0)
     net = fid_inception_v3()
-    # The keys are torchvision's Inception3 keys (1008 classes, no aux head), as in the FID weight files.
+    # The keys are torchvision's Inception3 keys (1008 classes, no aux head), as in the FID weight
+    # files.
     from torchvision.models import Inception3
 
     reference = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
@@ -286,7 +289,7 @@ def test_inception_features_from_a_local_weights_file(tmp_path, monkeypatch):
     assert math.isfinite(scores["fid"]) and scores["num_samples"] == 3
 
 
-# ---- distributed sync ------------------------------------------------------------------------------
+# ---- distributed sync ----------------------------------------------------------------------------
 
 
 class FlattenFeatures(nn.Module):
@@ -347,7 +350,8 @@ def test_ddp_ranks_share_samples_and_agree_with_one_process(tmp_path):
 
 
 class BankGenerator(pl.LightningModule):
-    """Stands in for LatentDiffusion: `sample()` returns held-out real images of the requested classes."""
+    """Stands in for LatentDiffusion: `sample()` returns held-out real images of the requested
+    classes."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int | None = 10):
         super().__init__()

@@ -1,5 +1,6 @@
-"""LatentDiffusion (stage 2) on tiny configs: training lowers the loss, the autoencoder stays frozen,
-label dropout, latent cache == on-the-fly encoding, sampling, checkpoint round trip, EMA resume."""
+"""LatentDiffusion (stage 2) on tiny configs: training lowers the loss, the autoencoder stays
+frozen, label dropout, latent cache == on-the-fly encoding, sampling, checkpoint round trip, EMA
+resume."""
 
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ def test_autoencoder_stays_frozen(trained):
 
 
 def test_loss_is_min_snr_weighted_v_regression(tmp_path):
-    """v-prediction with min-SNR-5 weights, written out by hand (Salimans & Ho 2022; Hang et al. 2023)."""
+    """v-prediction with min-SNR-5 weights, written out by hand (Salimans & Ho 2022; Hang et al.
+    2023)."""
     cfg = tiny_cfg(tmp_path, "schedule.prediction_type=v", "model.diffusion.loss_weighting=min_snr")
     model = make_model(cfg, make_autoencoder(cfg), randomize=True)
     g = torch.Generator().manual_seed(0)
@@ -452,7 +454,8 @@ def test_ema_without_warmup_equals_torchs_ema():
 
 def test_ema_warmup_forgets_the_first_weights_of_a_short_run():
     """The default run's 875 stage-2 steps: one step-1 network followed by zeros. Without warm-up
-    0.999^874 of it stays in the average; with warm-up the product of d_1..d_874, 10! 875! / 884!."""
+    0.999^874 of it stays in the average; with warm-up the product of d_1..d_874,
+    10! 875! / 884!."""
     first, rest = torch.ones(1), [torch.zeros(1)] * 874
     plain = run_ema([first, *rest], decay=0.999, warmup=False).item()
     warm = run_ema([first, *rest], decay=0.999).item()
@@ -490,7 +493,8 @@ def test_ema_resume_is_exact_and_validation_uses_ema(tmp_path):
             sampled_with.append(model.unet.conv_out.weight.clone()) or original(*a, **k)
         )
         # save_top_k=1 makes last.ckpt be written each epoch. (With save_top_k=0 it is written only
-        # in on_train_end, after WeightAveraging copied the EMA into the raw weights: not resumable.)
+        # in on_train_end, after WeightAveraging copied the EMA into the raw weights:
+        # not resumable.)
         ckpt_cb = pl.callbacks.ModelCheckpoint(
             dirpath=tmp_path / name, save_last=True, save_top_k=1
         )

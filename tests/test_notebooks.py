@@ -99,7 +99,8 @@ def test_tour_runs_on_quick_settings(tmp_path):
         tmp_path,
         "{'work': str(WORK), 'ae_ckpt': str(AE_CKPT), 'ldm_ckpt': str(LDM_CKPT), 'T': T, "
         "'schedules': sorted(schedules), 'scaled_std': float(scaled.std()), 'psnr': float(psnr), "
-        "'samplers': {k: v.nfe for k, v in samplers.items()}, 'grid_shapes': [list(g.shape) for g in grids.values()], "
+        "'samplers': {k: v.nfe for k, v in samplers.items()}, "
+        "'grid_shapes': [list(g.shape) for g in grids.values()], "
         "'trajectory': list(decoded.shape), 'rows': rows, 'floor': floor, 'N': N}",
     )
     assert count_images(nb) == 8  # figures 1-8
@@ -131,7 +132,8 @@ def test_inspect_run_reads_a_fresh_run(tmp_path):
     nb, out = execute(
         "02_inspect_run.ipynb",
         tmp_path,
-        "{'run': str(RUN), 'csv': {s: {k: v[1] for k, v in m.items()} for s, m in csv_metrics.items()}, "
+        "{'run': str(RUN), "
+        "'csv': {s: {k: v[1] for k, v in m.items()} for s, m in csv_metrics.items()}, "
         "'wandb': {s: {k: v[1] for k, v in m.items()} for s, m in wandb_metrics.items()}, "
         "'grids': {k: [p.name for p in v] for k, v in grids.items()}, 'seed': manifest['seed']}",
     )

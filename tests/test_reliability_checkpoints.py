@@ -1,4 +1,5 @@
-"""Checkpoint faults: truncated, foreign and hostile files; strict loads; atomic writes; safetensors export."""
+"""Checkpoint faults: truncated, foreign and hostile files; strict loads; atomic writes; safetensors
+export."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class WriteFileOnLoad:
 
 
 def tiny_autoencoder_config(num_channels: int = 1, image_size: int = 16) -> dict:
-    """The real conf/model/autoencoder/kl.yaml, shrunk, inside the resolved run config a checkpoint stores."""
+    """The real conf/model/autoencoder/kl.yaml, shrunk, inside the resolved run config a checkpoint
+    stores."""
     ae = OmegaConf.load(CONF_DIR / "model" / "autoencoder" / "kl.yaml")
     ae.encoder.ch, ae.encoder.ch_mult, ae.encoder.mid_attention, ae.latent_channels = (
         8,
@@ -79,7 +81,8 @@ def test_pickled_payload_is_refused_and_never_runs(tmp_path):
     assert "holds pickled objects other than tensors and plain data (GLOBAL" in one_line(err)
     assert "nothing in it was run" in str(err.value)
     assert not marker.exists()
-    # resuming a run (`ckpt_path=`: Lightning reads through the CheckpointIO) is guarded the same way
+    # resuming a run (`ckpt_path=`: Lightning reads through the CheckpointIO) is guarded the
+    # same way
     from pytorch_lightning.demos.boring_classes import BoringModel
 
     trainer = pl.Trainer(
@@ -105,7 +108,8 @@ def test_pickled_payload_is_refused_and_never_runs(tmp_path):
         (
             "truncated",
             "truncate",
-            "is truncated or not a torch checkpoint (PytorchStreamReader failed reading zip archive: failed finding central directory)",
+            "is truncated or not a torch checkpoint (PytorchStreamReader failed reading zip "
+            "archive: failed finding central directory)",
         ),
         ("empty", b"", "is truncated or not a torch checkpoint (file is empty)"),
         (
@@ -231,7 +235,8 @@ def test_hostile_target_inside_a_checkpoint_is_refused(tmp_path, ae_ckpt):
 
 
 def half_then_fail(obj, f, *args, **kwargs):
-    """A torch.save that dies midway (disk full): half of the real bytes reach the file, then ENOSPC."""
+    """A torch.save that dies midway (disk full): half of the real bytes reach the file, then
+    ENOSPC."""
     import io
 
     buf = io.BytesIO()
@@ -346,9 +351,9 @@ def test_export_cli(tmp_path, ae_ckpt, capsys):
         and err.count("\n") == 1
         and not (tmp_path / "x.safetensors").exists()
     )
-    assert (
-        err
-        == f"error: checkpoint {str(tmp_path / 'text.ckpt')!r} is truncated or not a torch checkpoint (unknown format)\n"
+    assert err == (
+        f"error: checkpoint {str(tmp_path / 'text.ckpt')!r} is truncated or not a torch "
+        "checkpoint (unknown format)\n"
     )
 
 
@@ -394,7 +399,8 @@ def test_safetensors_export_of_a_stage2_checkpoint(tmp_path):
 
 
 def test_resume_reads_lightning_checkpoints_weights_only(tmp_path):
-    """Every entry Lightning writes (loops, optimizer, callback states) loads with weights_only=True."""
+    """Every entry Lightning writes (loops, optimizer, callback states) loads with
+    weights_only=True."""
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.demos.boring_classes import BoringModel
 

@@ -1,4 +1,5 @@
-"""Config faults: each bad setting is refused before training with one line naming it and the fix."""
+"""Config faults: each bad setting is refused before training with one line naming it and the
+fix."""
 
 from __future__ import annotations
 
@@ -122,21 +123,24 @@ def test_per_stage_keys_can_be_added_without_a_plus():
         ),
         (
             ["debug=fast", "model.diffusion.unet.in_channels=3"],
-            "model.diffusion.unet.in_channels=3 but the autoencoder has latent_channels=4; set model.diffusion.unet.in_channels=4",
+            "model.diffusion.unet.in_channels=3 but the autoencoder has latent_channels=4; "
+            "set model.diffusion.unet.in_channels=4",
         ),
         (
             ["model.diffusion.unet.out_channels=8"],
-            "model.diffusion.unet.out_channels=8 but the autoencoder has latent_channels=4; set model.diffusion.unet.out_channels=4",
+            "model.diffusion.unet.out_channels=8 but the autoencoder has latent_channels=4; "
+            "set model.diffusion.unet.out_channels=4",
         ),
         (
             ["data.image_size=30"],
-            "data.image_size=30 is not divisible by the autoencoder's downsampling factor 4 (its encoder.ch_mult has 3 "
-            "levels); use a multiple of 4, e.g. 28, 32, 36",
+            "data.image_size=30 is not divisible by the autoencoder's downsampling factor 4 "
+            "(its encoder.ch_mult has 3 levels); use a multiple of 4, e.g. 28, 32, 36",
         ),
         (
             ["model.diffusion.unet.channel_mult=[1,2,2,2,2]"],
-            "model.diffusion.unet.channel_mult=[1, 2, 2, 2, 2] halves the 8x8 latents 4 times, which needs a multiple "
-            "of 16; use fewer levels or a data.image_size that is a multiple of 64",
+            "model.diffusion.unet.channel_mult=[1, 2, 2, 2, 2] halves the 8x8 latents 4 times, "
+            "which needs a multiple of 16; "
+            "use fewer levels or a data.image_size that is a multiple of 64",
         ),
         (["stage=diffusion"], "stage=diffusion needs autoencoder_ckpt=PATH (a stage-1 checkpoint)"),
         (
@@ -145,8 +149,8 @@ def test_per_stage_keys_can_be_added_without_a_plus():
         ),
         (
             ["autoencoder_ckpt=/no/such.ckpt"],
-            "autoencoder_ckpt='/no/such.ckpt' is used only with stage=diffusion; stage=all trains a new autoencoder "
-            "(drop autoencoder_ckpt or set stage=diffusion)",
+            "autoencoder_ckpt='/no/such.ckpt' is used only with stage=diffusion; "
+            "stage=all trains a new autoencoder (drop autoencoder_ckpt or set stage=diffusion)",
         ),
         (
             ["ckpt_path=/no/such.ckpt"],
@@ -154,8 +158,9 @@ def test_per_stage_keys_can_be_added_without_a_plus():
         ),
         (
             ["trainer.gradient_clip_val=1.0"],
-            "trainer.gradient_clip_val=1.0 does not apply to the autoencoder (it steps its own optimizers); set "
-            "model.autoencoder.grad_clip=1.0 and stage_trainer.diffusion.gradient_clip_val=1.0 instead",
+            "trainer.gradient_clip_val=1.0 does not apply to the autoencoder "
+            "(it steps its own optimizers); set model.autoencoder.grad_clip=1.0 "
+            "and stage_trainer.diffusion.gradient_clip_val=1.0 instead",
         ),
         (
             ["data=image_folder", "data.root=/tmp", "data.source.mode=L"],
@@ -163,11 +168,13 @@ def test_per_stage_keys_can_be_added_without_a_plus():
         ),
         (
             ["data=image_folder", "data.root=/tmp", "model.diffusion.unet.num_classes=10"],
-            "model.diffusion.unet.num_classes=10 but data.name=image_folder has no labels; set model.diffusion.unet.num_classes=null",
+            "model.diffusion.unet.num_classes=10 but data.name=image_folder has no labels; "
+            "set model.diffusion.unet.num_classes=null",
         ),
         (
             ["model.diffusion.unet.num_classes=5"],
-            "model.diffusion.unet.num_classes=5 but data.num_classes=10; set model.diffusion.unet.num_classes=10",
+            "model.diffusion.unet.num_classes=5 but data.num_classes=10; "
+            "set model.diffusion.unet.num_classes=10",
         ),
     ],
 )
@@ -179,15 +186,17 @@ def test_stage1_checkpoint_of_another_image_size_or_channel_count(tmp_path, stor
     other = stage1_checkpoint(tmp_path, stored_config, {"data.image_size": 64})
     message = refused(["stage=diffusion", f"autoencoder_ckpt={other}"], tmp_path)
     assert message == (
-        f"autoencoder_ckpt={str(other)!r} was trained on 64x64 images with 1 channel(s), but data.image_size=32 "
-        "and data.num_channels=1; set data.image_size=64 data.num_channels=1 or train a new stage 1"
+        f"autoencoder_ckpt={str(other)!r} was trained on 64x64 images with 1 channel(s), "
+        "but data.image_size=32 and data.num_channels=1; "
+        "set data.image_size=64 data.num_channels=1 or train a new stage 1"
     )
     rgb = stage1_checkpoint(tmp_path, stored_config, {"data.num_channels": 3})
     assert "with 3 channel(s)" in refused(["stage=diffusion", f"autoencoder_ckpt={rgb}"], tmp_path)
 
 
 def test_stage2_checks_use_the_checkpoints_autoencoder(tmp_path, stored_config):
-    """Stage 2 runs on the stored autoencoder: the UNet follows its latent_channels, not the default's."""
+    """Stage 2 runs on the stored autoencoder: the UNet follows its latent_channels, not the
+    default's."""
     ckpt = stage1_checkpoint(tmp_path, stored_config, {"model.autoencoder.latent_channels": 2})
     validate_config(
         compose_config(["debug=fast", "stage=diffusion", f"autoencoder_ckpt={ckpt}"], tmp_path)
@@ -210,5 +219,6 @@ def test_autoencoder_ckpt_of_the_wrong_kind(tmp_path, stored_config):
     )
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
     assert refused(["stage=diffusion", f"autoencoder_ckpt={tmp_path / 'text.ckpt'}"], tmp_path) == (
-        f"checkpoint {str(tmp_path / 'text.ckpt')!r} is truncated or not a torch checkpoint (not a zip-format torch file)"
+        f"checkpoint {str(tmp_path / 'text.ckpt')!r} is truncated or not a torch checkpoint "
+        "(not a zip-format torch file)"
     )

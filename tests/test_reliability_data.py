@@ -1,4 +1,5 @@
-"""Data faults in image folders: broken files, skip_corrupt, empty folders, small images, every PIL mode."""
+"""Data faults in image folders: broken files, skip_corrupt, empty folders, small images, every PIL
+mode."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def test_broken_file_named_through_a_dataloader_worker(tmp_path):
         ):
             next(batches)
     finally:
-        batches._shutdown_workers()  # now, not at a later garbage collection (which waits for the worker)
+        # now, not at a later garbage collection (which waits for the worker)
+        batches._shutdown_workers()
 
 
 def test_skip_corrupt_skips_counts_and_logs(tmp_path, caplog):
@@ -162,7 +164,8 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def mode_files(root) -> dict[str, float]:
-    """One file per PIL mode; value: the expected gray level (in [-1, 1]) of its top-left pixel in mode L."""
+    """One file per PIL mode; value: the expected gray level (in [-1, 1]) of its top-left pixel in
+    mode L."""
     root.mkdir()
     ones = np.ones((16, 16), dtype=np.uint8)
     Image.fromarray(ones * 255).save(root / "L.png")

@@ -73,8 +73,9 @@ def test_too_little_free_space(tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         check_writable(tmp_path, min_free_mb=100)
     assert str(err.value) == (
-        f"output dir {str(tmp_path)!r} has 50 MiB free, less than the 100 MiB needed for checkpoints "
-        "and logs; free space or choose another directory"
+        f"output dir {str(tmp_path)!r} has 50 MiB free, "
+        "less than the 100 MiB needed for checkpoints and logs; "
+        "free space or choose another directory"
     )
     check_writable(tmp_path, min_free_mb=10)
 

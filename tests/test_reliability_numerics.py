@@ -1,4 +1,5 @@
-"""Numerical faults: a NaN injected by a forward hook stops training cleanly or is skipped and counted."""
+"""Numerical faults: a NaN injected by a forward hook stops training cleanly or is skipped and
+counted."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class Tiny(pl.LightningModule):
 
 
 def inject_nan(module: nn.Module, at_calls: set[int], into: str = "output") -> None:
-    """Test hook: the module's output (or input) becomes NaN on the given forward calls (0-based)."""
+    """Test hook: the module's output (or input) becomes NaN on the given forward calls
+    (0-based)."""
     calls = {"n": 0}
 
     def poison(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +155,8 @@ def test_nan_loss_without_gradient_path_is_caught(tmp_path):
 
 
 def test_nonfinite_buffer_is_never_saved(tmp_path):
-    """Skipping the step cannot undo BatchNorm statistics updated by a NaN batch: the save is refused."""
+    """Skipping the step cannot undo BatchNorm statistics updated by a NaN batch: the save is
+    refused."""
     model = Tiny(batchnorm=True)
     inject_nan(model.bn, {3}, into="input")
     with pytest.raises(NonFiniteError, match=r"refusing to save .*state_dict\['bn.running_mean'\]"):

@@ -1,5 +1,6 @@
-"""sample.py / ldm.sample on a tiny class-conditional stage-2 checkpoint: determinism, files written,
-guidance, bad inputs (one stderr line, exit 2, nothing written), hostile checkpoints, FID, NFE sweep."""
+"""sample.py / ldm.sample on a tiny class-conditional stage-2 checkpoint: determinism, files
+written, guidance, bad inputs (one stderr line, exit 2, nothing written), hostile checkpoints, FID,
+NFE sweep."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Samplers: agreement with diffusers' schedulers, exact-denoiser Gaussian recovery, guidance, RNG."""
+"""Samplers: agreement with diffusers' schedulers, exact-denoiser Gaussian recovery, guidance,
+RNG."""
 
 import diffusers
 import pytest
@@ -14,7 +15,8 @@ DIFFUSERS_PTYPE = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 def gaussian_model(schedule, mu, std, wobble=0.0):
     """Exact model_fn for data x0 ~ N(mu, std^2) per element, in the schedule's prediction type.
 
-    With x_t = a x0 + sqrt(1 - a^2) n, E[x0 | x_t] = mu + a std^2 / (a^2 std^2 + 1 - a^2) (x_t - a mu)
+    With x_t = a x0 + sqrt(1 - a^2) n,
+    E[x0 | x_t] = mu + a std^2 / (a^2 std^2 + 1 - a^2) (x_t - a mu)
     is the optimal x0-predictor (Gaussian conditioning). `wobble` adds a smooth nonlinear error so
     comparisons against diffusers are not only of linear maps.
     """

@@ -1,4 +1,5 @@
-"""NoiseSchedule: values against diffusers, explicit betas/sigmas, conversions, q_sample, weights."""
+"""NoiseSchedule: values against diffusers, explicit betas/sigmas, conversions, q_sample,
+weights."""
 
 import math
 

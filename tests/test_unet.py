@@ -1,4 +1,5 @@
-"""UNet denoiser: shapes, conditioning on t and class, the null class, checkpointing, init, errors."""
+"""UNet denoiser: shapes, conditioning on t and class, the null class, checkpointing, init,
+errors."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""The EMA update for Lightning's `WeightAveraging` callback (conf/callbacks/default.yaml: `ema`)."""
+"""The EMA update for Lightning's `WeightAveraging` callback (conf/callbacks/default.yaml:
+`ema`)."""
 
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 def model_num_classes(pl_module: pl.LightningModule) -> int | None:
-    """Classes the model is conditioned on (LatentDiffusion.num_classes); None when unconditional."""
+    """Classes the model is conditioned on (LatentDiffusion.num_classes); None when
+    unconditional."""
     return getattr(pl_module, "num_classes", None)
 
 
@@ -62,7 +63,8 @@ class FIDCallback(pl.Callback):
         kid_subsets: number of random subsets KID is averaged over.
         kid_subset_size: KID subset size (capped by the numbers of real and generated images).
         classifier: settings of the feature classifier (epochs, batch_size, lr, seed, ...).
-        seed: seeds the sampling noise (the same noise every evaluation, so scores compare across epochs).
+        seed: seeds the sampling noise (the same noise every evaluation, so scores compare
+            across epochs).
         log_reference: log the real-floor / noise-ceiling reference scores once.
         progress_bar: show a progress bar over the sample batches (rank zero).
         datamodule: the image data module to take real images from; by default the trainer's, or its
@@ -96,7 +98,8 @@ class FIDCallback(pl.Callback):
             raise UserError(f"fid.batch_size={batch_size} must be positive")
         if sampler_steps is not None and sampler_steps <= 0:
             raise UserError(
-                f"fid.sampler_steps={sampler_steps} must be positive (or null: the model's own steps)"
+                f"fid.sampler_steps={sampler_steps} must be positive "
+                "(or null: the model's own steps)"
             )
         self.extractor_name, self.num_samples, self.batch_size = extractor, num_samples, batch_size
         self.every_n_epochs, self.cache_dir, self.inception_weights = (
@@ -117,7 +120,7 @@ class FIDCallback(pl.Callback):
         self._reference_logged = False
         self._last_epoch = -1
 
-    # -- when ---------------------------------------------------------------------------------------
+    # -- when --------------------------------------------------------------------------------------
 
     def should_evaluate(self, trainer: pl.Trainer) -> bool:
         if self.every_n_epochs == 0 or trainer.sanity_checking:
@@ -133,15 +136,17 @@ class FIDCallback(pl.Callback):
         return (epoch + 1) % self.every_n_epochs == 0 or last
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Sample with the EMA weights: an EMA callback (WeightAveraging) swaps them in at validation
-        epoch start and back out in its own on_validation_epoch_end, so it must come after this one."""
+        """Sample with the EMA weights: an EMA callback (WeightAveraging) swaps them in at
+        validation epoch start and back out in its own on_validation_epoch_end, so it must come
+        after this one."""
         if self.every_n_epochs == 0:
             return
         mine = trainer.callbacks.index(self)
         ema = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, WeightAveraging)]
         if ema and ema[0] < mine:
             raise UserError(
-                f"callback {type(trainer.callbacks[ema[0]]).__name__} (EMA) comes before FIDCallback; list the "
+                f"callback {type(trainer.callbacks[ema[0]]).__name__} (EMA) comes before "
+                "FIDCallback; list the "
                 "fid callback before the ema callback so FID is computed with the EMA weights"
             )
 
@@ -151,11 +156,11 @@ class FIDCallback(pl.Callback):
         self._last_epoch = trainer.current_epoch
         self.evaluate(trainer, pl_module)
 
-    # -- setup --------------------------------------------------------------------------------------
+    # -- setup -------------------------------------------------------------------------------------
 
     def image_datamodule(self, trainer: pl.Trainer) -> pl.LightningDataModule:
-        """The data module of real images: the given one, the trainer's `image_datamodule` (a latents
-        module points to the images it encodes), or the trainer's own."""
+        """The data module of real images: the given one, the trainer's `image_datamodule` (a
+        latents module points to the images it encodes), or the trainer's own."""
         datamodule = (
             self.datamodule
             or getattr(trainer.datamodule, "image_datamodule", None)
@@ -170,12 +175,14 @@ class FIDCallback(pl.Callback):
         if "image" not in keys:
             raise UserError(
                 f"FIDCallback needs real images but the data module serves {keys}; give it an "
-                "`image_datamodule` (the images the latents came from) or pass FIDCallback(datamodule=...)"
+                "`image_datamodule` (the images the latents came from) "
+                "or pass FIDCallback(datamodule=...)"
             )
         return datamodule
 
     def _rank_zero_first(self, trainer: pl.Trainer, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on rank 0 (which fills the caches), then on the other ranks (which read them)."""
+        """Run `fn` on rank 0 (which fills the caches), then on the other ranks (which read
+        them)."""
         if trainer.world_size == 1:
             return fn()
         result = fn() if trainer.is_global_zero else None
@@ -242,10 +249,11 @@ class FIDCallback(pl.Callback):
 
             self.references = self._rank_zero_first(trainer, refs)
 
-    # -- evaluation ---------------------------------------------------------------------------------
+    # -- evaluation --------------------------------------------------------------------------------
 
     def sample_labels(self, num_classes: int | None, device: torch.device) -> torch.Tensor | None:
-        """Global label of every sample: 0, 1, ..., K-1, 0, 1, ... (an even spread over the classes)."""
+        """Global label of every sample: 0, 1, ..., K-1, 0, 1, ... (an even spread over the
+        classes)."""
         if num_classes is None:
             return None
         return torch.arange(self.num_samples, device=device) % num_classes  # (N,)
@@ -265,7 +273,8 @@ class FIDCallback(pl.Callback):
             list(rank_share(self.num_samples, trainer.global_rank, trainer.world_size)),
             device=device,
         )
-        # A CPU generator: the same noise on any device (the model draws x_T on the generator's device).
+        # A CPU generator: the same noise on any device (the model draws x_T on the
+        # generator's device).
         generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
         kwargs: dict[str, Any] = {}
         if self.sampler_steps is not None:

@@ -1,5 +1,6 @@
-"""Training safety: stop (or skip) on non-finite losses and gradients, never save non-finite weights,
-and write checkpoints atomically so a crash mid-write cannot replace a good `last.ckpt`."""
+"""Training safety: stop (or skip) on non-finite losses and gradients, never save non-finite
+weights, and write checkpoints atomically so a crash mid-write cannot replace a good
+`last.ckpt`."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ ADVICE = (
 
 
 class NonFiniteError(UserError):
-    """Training produced a NaN/inf loss, gradient or weight; the message says where and what to do."""
+    """Training produced a NaN/inf loss, gradient or weight; the message says where and what to
+    do."""
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -111,7 +113,10 @@ class NonFiniteGuard(pl.Callback):
 
     def flag(self, trainer: pl.Trainer, what: str) -> None:
         """Stop with a clear message, or count a skipped step (at most once per batch)."""
-        where = f"at global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {self.batch_idx})"
+        where = (
+            f"at global step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}, batch {self.batch_idx})"
+        )
         if not self.skip_nonfinite:
             raise NonFiniteError(
                 f"non-finite {what} {where}; training stopped before applying it (checkpoints "
@@ -141,7 +146,8 @@ class NonFiniteGuard(pl.Callback):
             k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()
         )
         raise NonFiniteError(
-            f"refusing to save a checkpoint at global step {trainer.global_step}: state_dict[{bad!r}] "
+            f"refusing to save a checkpoint at global step {trainer.global_step}: "
+            f"state_dict[{bad!r}] "
             f"holds NaN/inf; the existing checkpoints are untouched; {ADVICE}"
         )
 

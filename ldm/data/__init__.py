@@ -1,4 +1,5 @@
-"""Data: ImageDataModule over pluggable sources (embedded MNIST-5k, sklearn digits, torchvision, folders, latents)."""
+"""Data: ImageDataModule over pluggable sources (embedded MNIST-5k, sklearn digits, torchvision,
+folders, latents)."""
 
 from ldm.data.datamodule import ImageDataModule, split_indices
 from ldm.data.sources import (

@@ -1,4 +1,5 @@
-"""ImageDataModule: one LightningDataModule over any Source, with a deterministic train/val split."""
+"""ImageDataModule: one LightningDataModule over any Source, with a deterministic train/val
+split."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 
 
 def batch_size(batch: dict[str, torch.Tensor]) -> int:
-    """The number of images in a batch of images or cached latents (Lightning's ThroughputMonitor)."""
+    """The number of images in a batch of images or cached latents (Lightning's
+    ThroughputMonitor)."""
     return len(batch["image"] if "image" in batch else batch["latent"])
 
 
@@ -86,7 +88,8 @@ class ImageDataModule(pl.LightningDataModule):
         if "image" in item:
             if x.shape[0] != self.num_channels:
                 raise ValueError(
-                    f"data.num_channels={self.num_channels} but the images have {x.shape[0]} channels"
+                    f"data.num_channels={self.num_channels} "
+                    f"but the images have {x.shape[0]} channels"
                 )
             if tuple(x.shape[1:]) != (self.image_size, self.image_size):
                 raise ValueError(
@@ -95,12 +98,14 @@ class ImageDataModule(pl.LightningDataModule):
         has_labels = "label" in item
         if has_labels != (self.num_classes is not None):
             raise ValueError(
-                f"data.num_classes={self.num_classes} but the source {'has' if has_labels else 'has no'} labels"
+                f"data.num_classes={self.num_classes} "
+                f"but the source {'has' if has_labels else 'has no'} labels"
             )
 
     @property
     def num_skipped(self) -> int:
-        """Unreadable files the source dropped (image_folder with data.skip_corrupt=true), else 0."""
+        """Unreadable files the source dropped (image_folder with data.skip_corrupt=true), else
+        0."""
         return getattr(self.source, "num_skipped", 0)
 
     def fingerprint(self) -> str:

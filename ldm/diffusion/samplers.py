@@ -33,7 +33,8 @@ def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing"
 
     Definitions of diffusers' DDIMScheduler/DDPMScheduler.set_timesteps (Lin et al. 2023, Table 2):
       linspace: round(linspace(0, T - 1, steps)) reversed (both ends included; [0] for steps = 1);
-      leading:  arange(steps) * (T // steps) reversed (ends at 0; starts below T - 1 unless steps = T);
+      leading:  arange(steps) * (T // steps) reversed (ends at 0; starts below T - 1 unless
+                steps = T);
       trailing: round(T - i * T / steps) - 1, i = 0..steps-1 (always starts at T - 1; the default,
                 which Lin et al. recommend since the first step then sees the noisiest timestep).
     For trailing, diffusers uses np.arange(T, 0, -T / steps), whose float length sometimes gives one
@@ -42,7 +43,8 @@ def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing"
     """
     if spacing not in TIMESTEP_SPACINGS:
         raise ValueError(
-            f"unknown timestep_spacing {spacing!r}; valid: {', '.join(map(repr, TIMESTEP_SPACINGS))}"
+            f"unknown timestep_spacing {spacing!r}; "
+            f"valid: {', '.join(map(repr, TIMESTEP_SPACINGS))}"
         )
     if not 0 < steps <= num_timesteps:
         raise ValueError(
@@ -127,7 +129,8 @@ class Sampler:
 
     @property
     def nfe(self) -> int:
-        """Model evaluations per sample (one call per step; with guidance each call has batch 2B)."""
+        """Model evaluations per sample (one call per step; with guidance each call has batch
+        2B)."""
         return self.steps
 
     def __repr__(self) -> str:
@@ -135,7 +138,8 @@ class Sampler:
         shown = ts if len(ts) <= 6 else [*ts[:3], "...", *ts[-2:]]
         return (
             f"{type(self).__name__}(steps={self.steps}, timestep_spacing={self.timestep_spacing!r}"
-            f"{self._extra_repr()}, prediction_type={self.prediction_type!r}, clip_x0={self.clip_x0}, "
+            f"{self._extra_repr()}, prediction_type={self.prediction_type!r}, "
+            f"clip_x0={self.clip_x0}, "
             f"timesteps=[{', '.join(map(str, shown))}])"
         )
 

@@ -1,4 +1,5 @@
-"""Noise schedules of variance-preserving diffusion: betas, alphas_cumprod, q_sample, targets, weights.
+"""Noise schedules of variance-preserving diffusion: betas, alphas_cumprod, q_sample, targets,
+weights.
 
 Notation (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", arXiv 2006.11239):
     x_t = sqrt(alphas_cumprod[t]) * x0 + sqrt(1 - alphas_cumprod[t]) * eps,   eps ~ N(0, I)
@@ -30,7 +31,8 @@ def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> Tens
 
 
 def scaled_linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
-    """Latent diffusion's schedule (Rombach et al. 2022): sqrt(beta) linear, then squared. float64, (T,)."""
+    """Latent diffusion's schedule (Rombach et al. 2022): sqrt(beta) linear, then squared. float64,
+    (T,)."""
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
 
 
@@ -60,7 +62,8 @@ def sigmoid_betas(num_timesteps: int, beta_start: float, beta_end: float) -> Ten
 
 
 def betas_from_sigmas(sigmas: Tensor) -> Tensor:
-    """Variance-preserving betas equivalent to variance-exploding per-step noise sizes, float64 (T,).
+    """Variance-preserving betas equivalent to variance-exploding per-step noise sizes, float64
+    (T,).
 
     VE chain: x_{t+1} = x_t + eps_t, eps_t ~ N(0, sigma_t^2 I), so x_t = x0 + s_t * n with the
     marginal variance s_t^2 = sum_{i<=t} sigma_i^2 (t = 0 has taken one step, like betas[0]).
@@ -167,17 +170,20 @@ class NoiseSchedule(nn.Module):
             values = torch.as_tensor(list(explicit), dtype=torch.float64)  # (T,)
             if values.ndim != 1 or values.numel() == 0:
                 raise ValueError(
-                    f"explicit betas/sigmas must be a non-empty list, got shape {tuple(values.shape)}"
+                    "explicit betas/sigmas must be a non-empty list, "
+                    f"got shape {tuple(values.shape)}"
                 )
             if num_timesteps is not None and num_timesteps != values.numel():
                 raise ValueError(
-                    f"num_timesteps={num_timesteps} does not match the {values.numel()} explicit values"
+                    f"num_timesteps={num_timesteps} does not match "
+                    f"the {values.numel()} explicit values"
                 )
             num_timesteps = values.numel()
             if betas is not None:
                 if not bool(((values > 0) & (values < 1)).all()):
                     raise ValueError(
-                        f"betas must lie in (0, 1), got min {values.min().item()} max {values.max().item()}"
+                        "betas must lie in (0, 1), "
+                        f"got min {values.min().item()} max {values.max().item()}"
                     )
                 name, beta64 = "betas", values
             else:
@@ -210,7 +216,8 @@ class NoiseSchedule(nn.Module):
         if zero_terminal_snr:
             if prediction_type == "eps":
                 raise ValueError(
-                    "zero_terminal_snr=True needs prediction_type 'v' or 'x0' (eps cannot recover x0 at SNR 0)"
+                    "zero_terminal_snr=True needs prediction_type 'v' or 'x0' "
+                    "(eps cannot recover x0 at SNR 0)"
                 )
             beta64 = rescale_zero_terminal_snr(beta64)
 
@@ -268,7 +275,8 @@ class NoiseSchedule(nn.Module):
 
     # -- prediction-type conversions ------------------------------------------------------------
     def convert(self, x_t: Tensor, t: Tensor, pred: Tensor, src: str, dst: str) -> Tensor:
-        """Convert `pred` from prediction type `src` to `dst` at timesteps t (see convert_prediction)."""
+        """Convert `pred` from prediction type `src` to `dst` at timesteps t (see
+        convert_prediction)."""
         _check_choice("prediction type", src, PREDICTION_TYPES)
         _check_choice("prediction type", dst, PREDICTION_TYPES)
         alpha, sigma = self._alpha_sigma(t, x_t)

@@ -1,4 +1,5 @@
-"""The project's own feature classifier: a small LeNet-like CNN whose penultimate layer gives FID features.
+"""The project's own feature classifier: a small LeNet-like CNN whose penultimate layer gives FID
+features.
 
 Inception weights cannot be downloaded on offline machines, so FID/KID on small datasets use the
 penultimate activations of this classifier, trained once per dataset (ldm.metrics.train_classifier).
@@ -16,7 +17,8 @@ TRUNK_SIZE = 5
 
 
 class FeatureClassifier(nn.Module):
-    """LeNet-5-like CNN (LeCun et al. 1998, "Gradient-based learning applied to document recognition").
+    """LeNet-5-like CNN (LeCun et al. 1998, "Gradient-based learning applied to document
+    recognition").
 
     Two 5x5 conv + BatchNorm + ReLU + 2x2 max-pool stages, a ReLU hidden layer of `feature_dim`
     units (the FID features) and a linear head. Inputs are images in [-1, 1] (the data convention)

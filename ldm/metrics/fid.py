@@ -12,7 +12,8 @@ Feature extractors take float images in [0, 1] (torchmetrics' `normalize=True` c
 channel count that can be mapped to theirs (1 <-> 3) and any size (resized):
 - `ClassifierFeatures`: penultimate layer of the project's own classifier (ldm.metrics.classifier),
   trained once per dataset — works on machines without internet;
-- `InceptionFeatures`: the 2048-d pool features of the TF FID Inception v3, from a local weights file.
+- `InceptionFeatures`: the 2048-d pool features of the TF FID Inception v3, from a local weights
+  file.
 
 Features are extracted once per image batch and fed to both metrics (their `feature` module is a
 float64 pass-through), so FID and KID see identical features and extraction is not run twice.
@@ -47,7 +48,8 @@ from ldm.utils.checkpoint import file_sha256, read_torch_file
 from ldm.utils.errors import UserError
 
 EXTRACTORS = ("classifier", "inception")
-# The TF FID Inception weights as ported by pytorch-fid (first) and torch-fidelity (second); same keys.
+# The TF FID Inception weights as ported by pytorch-fid (first) and torch-fidelity (second);
+# same keys.
 INCEPTION_FILE_NAMES = (
     "pt_inception-2015-12-05-6726825d.pth",
     "weights-inception-2015-12-05-6726825d.pth",
@@ -65,7 +67,8 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     if channels == 1 and c == 3:
         return x.mean(dim=1, keepdim=True)
     raise ValueError(
-        f"images with {c} channels cannot feed a {channels}-channel feature extractor; valid: 1, 3, {channels}"
+        f"images with {c} channels cannot feed a {channels}-channel feature extractor; "
+        f"valid: 1, 3, {channels}"
     )
 
 
@@ -108,7 +111,7 @@ class ClassifierFeatures(_FrozenExtractor):
         return self.classifier(self.prepare(x))  # (B, num_classes)
 
 
-# ---- Inception (TF FID variant) -------------------------------------------------------------------
+# ---- Inception (TF FID variant) ------------------------------------------------------------------
 # The FID Inception differs from torchvision's in its pooling branches: TF's average pool ignores
 # the zero padding (count_include_pad=False), and the last block (Mixed_7c) max-pools.
 
@@ -181,7 +184,8 @@ def fid_inception_v3() -> nn.Module:
 
 def inception_weight_candidates(weights_path: str | Path | None) -> list[Path]:
     """Where the weights are looked for: the given file (or the known names in a given folder), else
-    the torch hub cache ($TORCH_HOME/hub/checkpoints), where pytorch-fid / torch-fidelity put them."""
+    the torch hub cache ($TORCH_HOME/hub/checkpoints), where pytorch-fid / torch-fidelity put
+    them."""
     if weights_path:
         path = Path(weights_path).expanduser()
         return [path / name for name in INCEPTION_FILE_NAMES] if path.is_dir() else [path]
@@ -190,20 +194,23 @@ def inception_weight_candidates(weights_path: str | Path | None) -> list[Path]:
 
 
 def find_inception_weights(weights_path: str | Path | None = None) -> Path:
-    """The FID Inception weights file, or a one-line UserError naming the file and where it was looked for."""
+    """The FID Inception weights file, or a one-line UserError naming the file and where it was
+    looked for."""
     candidates = inception_weight_candidates(weights_path)
     for path in candidates:
         if path.is_file():
             return path
     raise UserError(
-        f"FID Inception weights not found: need {INCEPTION_FILE_NAMES[0]} (pytorch-fid's port of the TF FID "
-        f"Inception; torch-fidelity's {INCEPTION_FILE_NAMES[1]} also works); looked in: "
-        f"{', '.join(str(p) for p in candidates)}; put the file there or pass fid.inception_weights=PATH"
+        f"FID Inception weights not found: need {INCEPTION_FILE_NAMES[0]} "
+        f"(pytorch-fid's port of the TF FID Inception; torch-fidelity's {INCEPTION_FILE_NAMES[1]} "
+        f"also works); looked in: {', '.join(str(p) for p in candidates)}; "
+        "put the file there or pass fid.inception_weights=PATH"
     )
 
 
 class InceptionFeatures(_FrozenExtractor):
-    """2048-d final-pool features of the TF FID Inception v3, loaded from a local file (never downloaded).
+    """2048-d final-pool features of the TF FID Inception v3, loaded from a local file (never
+    downloaded).
 
     Preprocessing as pytorch-fid: [0, 1] images resized bilinearly to 299x299 and scaled to [-1, 1]
     (torch-fidelity's TF1-exact resize differs slightly, so scores agree to a small tolerance).
@@ -247,7 +254,7 @@ class InceptionFeatures(_FrozenExtractor):
         return net.avgpool(x).flatten(1)  # (B, 2048, 8, 8) -> (B, 2048)
 
 
-# ---- metrics --------------------------------------------------------------------------------------
+# ---- metrics -------------------------------------------------------------------------------------
 
 
 class _Float64Features(nn.Module):
@@ -277,10 +284,10 @@ class SampleMetrics(nn.Module):
     """FID, KID and (for labeled data) CAS of generated images against cached real features.
 
     Usage: `set_real_features(feats)` once, `update(images, labels)` per generated batch (images in
-    [-1, 1]), `compute()`, `reset()` (keeps the reals). Under torch.distributed each rank updates with
-    its own share of samples and `compute()` syncs them (torchmetrics); the real features are held
-    by rank 0 only so the sync counts them once. With `sync_on_compute=False` every rank computes
-    alone (used for the reference scores that every rank computes identically).
+    [-1, 1]), `compute()`, `reset()` (keeps the reals). Under torch.distributed each rank updates
+    with its own share of samples and `compute()` syncs them (torchmetrics); the real features are
+    held by rank 0 only so the sync counts them once. With `sync_on_compute=False` every rank
+    computes alone (used for the reference scores that every rank computes identically).
     """
 
     def __init__(
@@ -422,14 +429,16 @@ def extract_features(
 
 
 def fid_cache_dir(cache_dir: str | Path, fingerprint: str) -> Path:
-    """`<cache_dir>/fid/<dataset fingerprint>/`: the classifier, real features and reference scores."""
+    """`<cache_dir>/fid/<dataset fingerprint>/`: the classifier, real features and reference
+    scores."""
     return Path(cache_dir) / "fid" / fingerprint
 
 
 def real_features_path(
     cache_dir: str | Path, fingerprint: str, extractor: nn.Module, split: str = "train"
 ) -> Path:
-    """The cache file of one split's real features for one extractor (shared by training and sample.py)."""
+    """The cache file of one split's real features for one extractor (shared by training and
+    sample.py)."""
     return fid_cache_dir(cache_dir, fingerprint) / f"real_{split}_{extractor.cache_key}.pt"
 
 

@@ -37,9 +37,9 @@ DEFAULT_ARCH = {"widths": [16, 32], "feature_dim": 128}
 def iter_image_batches(
     source: torch.Tensor | Dataset | Iterable, batch_size: int = 500
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Yield (images (B, C, H, W) in [-1, 1], labels (B,) or None) from an image tensor (N, C, H, W),
-    a map-style Dataset of dict items, or any iterable of batches (dicts with "image"/"label",
-    (image, label) pairs or tensors)."""
+    """Yield (images (B, C, H, W) in [-1, 1], labels (B,) or None) from an image tensor
+    (N, C, H, W), a map-style Dataset of dict items, or any iterable of batches (dicts with
+    "image"/"label", (image, label) pairs or tensors)."""
     if torch.is_tensor(source):
         for i in range(0, len(source), batch_size):
             yield source[i : i + batch_size], None
@@ -112,11 +112,13 @@ def train_classifier(
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
 ) -> tuple[FeatureClassifier, dict[str, Any]]:
-    """Train a FeatureClassifier with Adam and a one-cycle LR (Smith & Topin 2017) on images in [-1, 1].
+    """Train a FeatureClassifier with Adam and a one-cycle LR (Smith & Topin 2017) on images in
+    [-1, 1].
 
     Runs inside a forked RNG so that training it in the middle of a run does not change the run's
-    random stream, and with autograd on even when called from a no-grad/inference-mode hook. Returns the model (eval mode, on CPU) and a summary with `test_accuracy`
-    (measured on the given val images, never trained on).
+    random stream, and with autograd on even when called from a no-grad/inference-mode hook.
+    Returns the model (eval mode, on CPU) and a summary with `test_accuracy` (measured on the given
+    val images, never trained on).
     """
     if epochs <= 0:
         raise UserError(f"fid.classifier.epochs={epochs} must be >= 1")
@@ -152,7 +154,8 @@ def train_classifier(
                 scheduler.step()
             if not math.isfinite(loss.item()):
                 raise RuntimeError(
-                    f"classifier training diverged (loss {loss.item()}) at epoch {epoch}; lower lr={lr}"
+                    f"classifier training diverged (loss {loss.item()}) at epoch {epoch}; "
+                    f"lower lr={lr}"
                 )
             if log is not None:
                 log(f"classifier epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}")
@@ -226,7 +229,8 @@ def get_or_train_classifier(
     unknown = set(settings) - set(DEFAULT_TRAINING) - set(DEFAULT_ARCH)
     if unknown:
         raise UserError(
-            f"unknown classifier settings {sorted(unknown)}; valid: {sorted({**DEFAULT_TRAINING, **DEFAULT_ARCH})}"
+            f"unknown classifier settings {sorted(unknown)}; "
+            f"valid: {sorted({**DEFAULT_TRAINING, **DEFAULT_ARCH})}"
         )
     settings = {**DEFAULT_TRAINING, **DEFAULT_ARCH, **settings}
     settings["widths"] = [int(w) for w in settings["widths"]]
@@ -241,7 +245,8 @@ def get_or_train_classifier(
     if weights.is_file() and summary_path.is_file() and not retrain:
         model, summary = load_classifier(weights, summary_path)
         say(
-            f"FID classifier: loaded {weights} (test accuracy {summary['test_accuracy']:.4f} on {summary['num_test']} images)"
+            f"FID classifier: loaded {weights} (test accuracy {summary['test_accuracy']:.4f} "
+            f"on {summary['num_test']} images)"
         )
         return model, summary
 
@@ -268,7 +273,8 @@ def get_or_train_classifier(
     save_tensors(model.state_dict(), weights)
     save_json(summary, summary_path)
     say(
-        f"FID classifier: trained in {summary['seconds']:.1f}s, test accuracy {summary['test_accuracy']:.4f} "
+        f"FID classifier: trained in {summary['seconds']:.1f}s, "
+        f"test accuracy {summary['test_accuracy']:.4f} "
         f"on {summary['num_test']} held-out images; saved {weights}"
     )
     return model, summary

@@ -1,4 +1,5 @@
-"""LatentDiffusion: stage 2 of an LDM, a UNet denoiser trained in a frozen autoencoder's latent space.
+"""LatentDiffusion: stage 2 of an LDM, a UNet denoiser trained in a frozen autoencoder's latent
+space.
 
 Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models", arXiv
 2112.10752, Sec. 3.2 and Eq. 2): L = E_{z0 = s * E(x), eps, t} || target - f(z_t, t, y) ||^2, with
@@ -33,7 +34,8 @@ def encode_latents(autoencoder: nn.Module, images: torch.Tensor) -> torch.Tensor
 
 
 def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (sha256), so related streams (epoch, batch, rank) do not collide."""
+    """A 63-bit seed from integers (sha256), so related streams (epoch, batch, rank) do not
+    collide."""
     digest = hashlib.sha256("-".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -118,7 +120,8 @@ class LatentDiffusion(pl.LightningModule):
 
     # ----------------------------------------------------------------- frozen stage 1
     def train(self, mode: bool = True) -> LatentDiffusion:
-        """Lightning calls .train() at every fit/validation switch; the autoencoder stays in eval."""
+        """Lightning calls .train() at every fit/validation switch; the autoencoder stays in
+        eval."""
         super().train(mode)
         self.autoencoder.eval()
         return self
@@ -143,7 +146,8 @@ class LatentDiffusion(pl.LightningModule):
         return self.autoencoder.decode(latents / self.autoencoder.scale_factor).clamp(-1.0, 1.0)
 
     def batch_latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Scaled latents of a batch: `batch["latent"]` (cache, already scaled) or encoded images."""
+        """Scaled latents of a batch: `batch["latent"]` (cache, already scaled) or encoded
+        images."""
         if "latent" in batch:
             return batch["latent"]
         if "image" not in batch:
@@ -211,7 +215,8 @@ class LatentDiffusion(pl.LightningModule):
         self, batch: dict[str, torch.Tensor], batch_idx: int
     ) -> tuple[torch.Tensor, int]:
         """(loss, batch size) at t spread evenly over [0, T-1] with noise seeded by
-        val_seed + batch_idx, drawn on the CPU so the number is comparable across runs and devices."""
+        val_seed + batch_idx, drawn on the CPU so the number is comparable across runs and
+        devices."""
         x0 = self.batch_latents(batch)  # (B, c, h, w)
         labels = self.batch_labels(batch)
         b = x0.shape[0]
@@ -233,9 +238,10 @@ class LatentDiffusion(pl.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        """Sample the grid here, not at epoch end: Lightning runs callback hooks before the module's,
-        so an EMA callback (WeightAveraging) has swapped the averaged weights in at epoch start and
-        swaps them out again in its on_validation_epoch_end, before this module's hook would run.
+        """Sample the grid here, not at epoch end: Lightning runs callback hooks before the
+        module's, so an EMA callback (WeightAveraging) has swapped the averaged weights in at epoch
+        start and swaps them out again in its on_validation_epoch_end, before this module's hook
+        would run.
 
         Every rank samples the same grid (cheap, and `log_image_grid` must be called on all ranks);
         rank zero writes it. Classes run along the rows: column k shows label k.
@@ -278,7 +284,8 @@ class LatentDiffusion(pl.LightningModule):
         if class_labels is None:
             if guidance_scale != 1.0:
                 raise ValueError(
-                    f"guidance_scale={guidance_scale} needs class_labels (guidance pushes towards a class)"
+                    f"guidance_scale={guidance_scale} needs class_labels "
+                    "(guidance pushes towards a class)"
                 )
             return None
         labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device)
@@ -291,7 +298,8 @@ class LatentDiffusion(pl.LightningModule):
         bad = labels[(labels < 0) | (labels >= self.num_classes)]
         if bad.numel():
             raise ValueError(
-                f"class label {bad[0].item()} is outside the model's classes 0..{self.num_classes - 1}"
+                f"class label {bad[0].item()} is outside the model's classes "
+                f"0..{self.num_classes - 1}"
             )
         return labels
 

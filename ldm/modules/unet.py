@@ -1,4 +1,5 @@
-"""UNet denoiser for latents: time/class-conditioned ResNet blocks with self-attention (plain torch).
+"""UNet denoiser for latents: time/class-conditioned ResNet blocks with self-attention (plain
+torch).
 
 Architecture after Ho et al. 2020 ("Denoising Diffusion Probabilistic Models", arXiv 2006.11239,
 Appendix B) with the improvements of Dhariwal & Nichol 2021 ("Diffusion Models Beat GANs on Image
@@ -20,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (B,) timesteps -> (B, dim) (Vaswani et al. 2017, Sec. 3.5; DDPM App. B).
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim) (Vaswani et al. 2017, Sec. 3.5; DDPM App.
+    B).
 
     Frequencies are geometric from 1 down to 1/max_period; the first half is cos, the second sin.
     """
@@ -53,7 +55,8 @@ def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
 
 class ResBlock(nn.Module):
     """Residual block with adaptive GroupNorm: h = GN(h) * (1 + scale) + shift, (scale, shift)
-    from the time (+ class) embedding (ADM "AdaGN", Dhariwal & Nichol 2021, Sec. 3 and Eq. in App. A).
+    from the time (+ class) embedding (ADM "AdaGN", Dhariwal & Nichol 2021, Sec. 3 and Eq. in
+    App. A).
     """
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, num_groups: int):
@@ -253,7 +256,8 @@ class UNet(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x (B, C, H, W), t LongTensor (B,), class_labels LongTensor (B,) or None -> (B, C_out, H, W).
+        """x (B, C, H, W), t LongTensor (B,), class_labels LongTensor (B,) or None -> (B, C_out, H,
+        W).
 
         `class_labels` may contain `num_classes` (the null class); None means all null.
         """

@@ -53,7 +53,8 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
             f"{what} {str(path)!r} is truncated or not a torch checkpoint (unknown format)"
         ) from err
     except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile, OSError) as err:
-        # RuntimeError: a cut zip archive; EOFError: empty or cut legacy file; KeyError: foreign bytes.
+        # RuntimeError: a cut zip archive; EOFError: empty or cut legacy file;
+        # KeyError: foreign bytes.
         if "mmap can only be used" in str(err):  # legacy (non-zip) or foreign bytes, read with mmap
             detail = "not a zip-format torch file"
         elif isinstance(err, RuntimeError | OSError):
@@ -68,7 +69,8 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
 
 
 def check_ldm_checkpoint(ckpt: Any, path: str | Path, expected_stage: str | None = None) -> None:
-    """An ldm checkpoint carries `state_dict` and `ldm = {"stage", "config"}`; check both (and the stage)."""
+    """An ldm checkpoint carries `state_dict` and `ldm = {"stage", "config"}`; check both (and the
+    stage)."""
     path = str(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "ldm" not in ckpt:
         raise UserError(f"{path!r} is not an ldm checkpoint (no 'state_dict'/'ldm' entries)")
@@ -82,7 +84,8 @@ def check_ldm_checkpoint(ckpt: Any, path: str | Path, expected_stage: str | None
         number = "1" if stage == "autoencoder" else "2"
         article = "an" if expected_stage == "autoencoder" else "a"
         raise UserError(
-            f"{path!r} is a stage-{number} ({stage}) checkpoint; {article} {expected_stage} checkpoint is needed"
+            f"{path!r} is a stage-{number} ({stage}) checkpoint; "
+            f"{article} {expected_stage} checkpoint is needed"
         )
 
 
@@ -116,7 +119,8 @@ def state_dict_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str 
 def load_checkpoint(
     path: str | Path, expected_stage: str | None = None, mmap: bool = False
 ) -> dict[str, Any]:
-    """Load an ldm checkpoint with `torch.load(weights_only=True)`: pickled code is refused, never run.
+    """Load an ldm checkpoint with `torch.load(weights_only=True)`: pickled code is refused, never
+    run.
 
     Checks that the file is an ldm checkpoint (it carries `checkpoint["ldm"]` with the stage and the
     resolved config) and, when `expected_stage` is given, that it is of that stage.

@@ -2,4 +2,5 @@
 
 
 class UserError(ValueError):
-    """A bad input the user can fix (config value, file path, checkpoint kind). Message is one line."""
+    """A bad input the user can fix (config value, file path, checkpoint kind). Message is one
+    line."""

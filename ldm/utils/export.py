@@ -31,7 +31,8 @@ def unshared(state_dict: dict[str, Any], path: str | Path) -> dict[str, torch.Te
     for key, value in state_dict.items():
         if not torch.is_tensor(value):
             raise UserError(
-                f"checkpoint {str(path)!r}: state_dict[{key!r}] is a {type(value).__name__}, not a tensor"
+                f"checkpoint {str(path)!r}: state_dict[{key!r}] "
+                f"is a {type(value).__name__}, not a tensor"
             )
         ptr = value.untyped_storage().data_ptr()
         tensors[key] = (
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         exit_on_user_error(err)
     print(
-        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); load it with ldm.utils.export.load_safetensors_export"
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); "
+        "load it with ldm.utils.export.load_safetensors_export"
     )
 
 

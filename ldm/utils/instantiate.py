@@ -1,4 +1,5 @@
-"""Hydra instantiation helpers: callbacks and loggers from config, and safe instantiation of stored configs."""
+"""Hydra instantiation helpers: callbacks and loggers from config, and safe instantiation of stored
+configs."""
 
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ def check_target(target: Any, where: str) -> None:
 
     The name alone is not enough: `ldm.utils.instantiate.os.system` starts with `ldm.` but walks
     through a module attribute to `os.system`, so the resolved object's `__module__` is checked too.
-    Resolving only imports modules of the allowed namespaces and reads attributes; nothing is called.
+    Resolving only imports modules of the allowed namespaces and reads attributes; nothing is
+    called.
     """
     allowed = tuple(prefix.rstrip(".") for prefix in SAFE_TARGET_PREFIXES)
     if not isinstance(target, str) or not target.startswith(SAFE_TARGET_PREFIXES):
         raise UserError(
-            f"{where} names _target_={target!r}, outside the allowed namespaces {SAFE_TARGET_PREFIXES}"
+            f"{where} names _target_={target!r}, "
+            f"outside the allowed namespaces {SAFE_TARGET_PREFIXES}"
         )
     try:
         obj = _locate(target)  # what instantiate itself uses (get_object also logs an error line)

@@ -124,7 +124,8 @@ def build_manifest(cfg: DictConfig, data_fingerprint: str | None) -> dict[str, A
 def write_run_files(
     output_dir: Path, cfg: DictConfig, data_fingerprint: str | None
 ) -> dict[str, Any]:
-    """Write config_resolved.yaml, manifest.json, command.txt (and git_diff.patch) in the run dir."""
+    """Write config_resolved.yaml, manifest.json, command.txt (and git_diff.patch) in the run
+    dir."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     manifest = build_manifest(cfg, data_fingerprint)

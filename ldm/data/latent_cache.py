@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ldm.data.datamodule import ImageDataModule
+from ldm.data.img2img import Img2ImgDataModule
 from ldm.data.sources import LatentTensors
 from ldm.models.latent_diffusion import encode_latents
 from ldm.utils.checkpoint import file_sha256
@@ -91,7 +92,7 @@ def latent_cache_datamodule(
     cache_dir: str | Path,
 ) -> ImageDataModule:
     """An ImageDataModule serving `{"latent", "label"}` batches from the cached latents of
-    `datamodule`'s whole dataset.
+    `datamodule`'s whole dataset (an Img2ImgDataModule's also carry its task's inputs).
 
     The whole dataset is cached in order and the new module reuses `val_fraction` and
     `split_seed`, so its train/val split holds exactly the same items as `datamodule`'s.
@@ -100,7 +101,7 @@ def latent_cache_datamodule(
     key = latent_cache_key(autoencoder_ckpt, "full", datamodule.fingerprint())
     loader = datamodule.loader(datamodule.full_dataset, shuffle=False)
     path = build_latent_cache(autoencoder, loader, cache_dir, key)
-    return ImageDataModule(
+    kwargs = dict(
         source=LatentTensors(str(path), num_classes=datamodule.num_classes),
         name=f"latents-{datamodule.name}",
         image_size=datamodule.image_size,
@@ -115,3 +116,6 @@ def latent_cache_datamodule(
         drop_last=datamodule.drop_last,
         image_datamodule=datamodule,
     )
+    if isinstance(datamodule, Img2ImgDataModule):  # items keep their image-to-image inputs
+        return Img2ImgDataModule(**kwargs, task=datamodule.task, task_seed=datamodule.task_seed)
+    return ImageDataModule(**kwargs)

@@ -1,0 +1,98 @@
+"""Image-to-image data: any image data plus a degradation (super-resolution, inpainting).
+
+`Img2ImgDataModule` is an `ImageDataModule` whose items gain the task's inputs:
+`{"image", "label"?, "lowres"}` (super-resolution) or `{"image", "label"?, "mask", "masked_image"}`
+(inpainting), made by `task(image, generator)` (ldm.data.degradations). The generator of item i is
+seeded by (task_seed, i) on the validation split, so validation inputs are the same in every epoch
+and run; on the training split also by the epoch, so the model sees new masks / noise every epoch,
+reproducibly (a resumed run draws what the uninterrupted one drew). Served from a latent cache,
+items also carry `"latent"` (the images still come from the image data).
+
+Select it with `task=superres|inpaint` (conf/task), over any `data=` option.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ldm.data.datamodule import ImageDataModule
+from ldm.data.degradations import item_seed
+
+Task = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
+
+
+class PairedDataset(Dataset):
+    """Item i of `base` plus `task(images[i]["image"], generator)`.
+
+    `images` defaults to `base` (it must serve "image"); a latent `base` takes its images from the
+    dataset the latents were encoded from (same order). `epoch_of`: a callable giving the current
+    epoch (the training loader's sampler), None for inputs fixed per item (validation).
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        task: Task,
+        seed: int,
+        images: Dataset | None = None,
+        epoch_of: Callable[[], int] | None = None,
+    ):
+        self.base, self.task, self.seed = base, task, int(seed)
+        self.images = images if images is not None else base
+        if len(self.images) != len(base):
+            raise ValueError(f"{len(base)} items but {len(self.images)} images")
+        self.epoch_of = epoch_of
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def generator(self, index: int) -> torch.Generator:
+        parts = (self.seed, index) if self.epoch_of is None else (self.seed, index, self.epoch_of())
+        return torch.Generator().manual_seed(item_seed(*parts))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = dict(self.base[index])
+        image = item["image"] if self.images is self.base else self.images[index]["image"]
+        item["image"] = image
+        item.update(self.task(image, self.generator(index)))
+        return item
+
+
+class Img2ImgDataModule(ImageDataModule):
+    """An ImageDataModule (same arguments) whose batches carry the inputs of an image-to-image
+    `task` (a callable `task(image (C, H, W), generator) -> dict`, e.g. SuperResolution or
+    Inpainting); `task_seed` seeds them (validation inputs are fixed per item)."""
+
+    def __init__(self, *args: Any, task: Task, task_seed: int = 0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if task is None:
+            raise ValueError("Img2ImgDataModule needs a task (task=superres|inpaint)")
+        self.task, self.task_seed = task, task_seed
+        self._train_loader: DataLoader | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.full_dataset is not None:
+            return
+        super().setup(stage)
+        images = None
+        if self.image_datamodule is not None:  # latents: images from the data they came from
+            self.image_datamodule.setup()
+            images = self.image_datamodule.full_dataset
+        # full_dataset stays the plain data (fingerprints, latent caches); the splits gain inputs.
+        base = self.full_dataset
+        train_pairs = PairedDataset(base, self.task, self.task_seed, images, self.current_epoch)
+        val_pairs = PairedDataset(base, self.task, self.task_seed, images)
+        self.train_dataset = Subset(train_pairs, self.train_dataset.indices)
+        self.val_dataset = Subset(val_pairs, self.val_dataset.indices)
+
+    def current_epoch(self) -> int:
+        """The epoch of the training loader's sampler (0 before the first pass)."""
+        return int(self._train_loader.sampler.epoch) if self._train_loader is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        self._train_loader = super().train_dataloader()
+        return self._train_loader

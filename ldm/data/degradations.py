@@ -106,7 +106,7 @@ class SuperResolution:
         return image_size // self.factor
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        c, h, w = image.shape
+        _, h, w = image.shape
         x = image[None].float()  # (1, C, H, W)
         sigma = _uniform(generator, *self.blur_sigma) if self.blur_sigma[1] > 0 else 0.0
         x = gaussian_blur(x, sigma)
@@ -201,7 +201,7 @@ class Inpainting:
         return stroke_mask(size, area, generator, self.stroke_width * size)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        c, h, w = image.shape
+        _, h, w = image.shape
         if h != w:
             raise ValueError(f"inpainting masks need square images, got {h}x{w}")
         mask = self.make_mask(h, generator)  # (1, H, W)

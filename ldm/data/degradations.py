@@ -101,7 +101,8 @@ class SuperResolution:
     def lowres_size(self, image_size: int) -> int:
         if image_size % self.factor:
             raise ValueError(
-                f"image size {image_size} is not divisible by the super-resolution factor {self.factor}"
+                f"image size {image_size} is not divisible by the super-resolution "
+                f"factor {self.factor}"
             )
         return image_size // self.factor
 
@@ -186,7 +187,10 @@ class Inpainting:
         self.stroke_width = float(stroke_width)
 
     def __repr__(self) -> str:
-        return f"Inpainting(kind={self.kind!r}, area={list(self.area)}, stroke_width={self.stroke_width})"
+        return (
+            f"Inpainting(kind={self.kind!r}, area={list(self.area)}, "
+            f"stroke_width={self.stroke_width})"
+        )
 
     def make_mask(self, size: int, generator: torch.Generator) -> torch.Tensor:
         """(1, size, size) float mask, 1 = fill."""

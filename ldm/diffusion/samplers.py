@@ -177,14 +177,21 @@ class Sampler:
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
         callback: Callback | None = None,
+        start: int = 0,
     ) -> Tensor:
         """Run the reverse process from x_T (B, ...) and return the final sample x0 (B, ...).
 
         `callback(i, t, x_t, x0_pred)` is called at each step with the sample that entered the
-        model at timestep t and the x0 predicted from it.
+        model at timestep t and the x0 predicted from it. `start` > 0 begins at step `start`:
+        then x_T is the sample at `timesteps[start]` (SDEdit, ldm.diffusion.sdedit) and only the
+        remaining `steps - start` steps run (`start = steps` returns x_T).
         """
+        if not 0 <= start <= self.steps:
+            raise ValueError(f"start={start} must be in 0..{self.steps} (the sampler's steps)")
         x, state = x_T, None
         for i, t in enumerate(self.timesteps.tolist()):
+            if i < start:
+                continue
             t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
             pred = guided_prediction(model_fn, x, t_batch, cond, uncond, guidance_scale)
             x0, eps = self.x0_eps(i, x, pred)

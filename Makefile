@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train sample test test-fast lint bench-quick clean
+.PHONY: install train sample test test-fast lint notebooks bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The .ipynb from their jupytext sources notebooks/*.py (cell ids kept, no outputs).
+notebooks: install
+	$(BIN)/jupytext --update --to ipynb notebooks/0*.py
 
 bench-quick: install
 	for b in bench/*.py; do $(BIN)/python $$b --quick || exit 1; done

@@ -1,5 +1,6 @@
-"""The notebooks: committed without outputs and in sync with notebooks/build_notebooks.py, and both
-run top to bottom on their tiny defaults (as CI runs them) writing only into a temporary directory.
+"""The notebooks: each committed .ipynb is its jupytext source notebooks/<name>.py without
+outputs, and both run top to bottom on their tiny defaults (as CI runs them) writing only into a
+temporary directory.
 
 Each run injects `WORK_DIR` into the papermill-style parameters cell and appends one probe cell
 that prints the notebook's results as JSON, so the values it computed are checked, not just that
@@ -8,11 +9,11 @@ no cell raised.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 
@@ -24,11 +25,9 @@ NOTEBOOKS = ("01_tour.ipynb", "02_inspect_run.ipynb")
 REPO_OUTPUTS = ("logs", ".cache", "wandb", "lightning_logs", "outputs", "notebooks")
 
 
-def builder():
-    spec = importlib.util.spec_from_file_location("build_notebooks", NB_DIR / "build_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def cells(nb: nbformat.NotebookNode) -> list[tuple[str, str, list[str]]]:
+    """What a notebook is made of: (cell type, source, tags) of every cell."""
+    return [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in nb.cells]
 
 
 def repo_outputs() -> dict[str, float]:
@@ -77,12 +76,13 @@ def count_images(nb: nbformat.NotebookNode) -> int:
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_committed_notebook_is_generated_and_stripped(name):
-    text = (NB_DIR / name).read_text()
-    assert text == builder().render(name), (
-        f"notebooks/{name} differs from build_notebooks.py; rebuild it"
+def test_committed_notebook_is_its_source_without_outputs(name):
+    nb = nbformat.read(NB_DIR / name, as_version=4)
+    source = NB_DIR / name.replace(".ipynb", ".py")
+    assert cells(nb) == cells(jupytext.read(source)), (
+        f"notebooks/{name} differs from {source.name}; "
+        f"run `jupytext --update --to ipynb notebooks/{source.name}`"
     )
-    nb = nbformat.reads(text, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(c.outputs == [] and c.execution_count is None for c in code)

@@ -6,9 +6,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from ldm.utils.checkpoint import CHECKPOINT_FORMAT_VERSION
+
 
 class StoreConfigInCheckpoint(pl.Callback):
-    """Writes `checkpoint["ldm"] = {"stage", "config"}` so loaders can rebuild the modules.
+    """Writes `checkpoint["ldm"] = {"stage", "config", "format_version"}` so loaders can rebuild
+    the modules (and refuse a layout newer than they know).
 
     The config is a plain, resolved dict (no OmegaConf objects), so the checkpoint loads with
     `torch.load(weights_only=True)`.
@@ -20,4 +23,8 @@ class StoreConfigInCheckpoint(pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        checkpoint["ldm"] = {"stage": self.stage, "config": self.config}
+        checkpoint["ldm"] = {
+            "stage": self.stage,
+            "config": self.config,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+        }

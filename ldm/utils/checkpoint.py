@@ -19,6 +19,11 @@ from ldm.utils.errors import UserError
 
 STAGES = ("autoencoder", "diffusion")
 
+# `checkpoint["ldm"]["format_version"]`: the layout of ldm checkpoints (state_dict keys, the stored
+# config, the `ldm` entry). Bump it when a change makes older code misread new checkpoints; files
+# without the entry were written before versions existed (version 0) and still load.
+CHECKPOINT_FORMAT_VERSION = 1
+
 # torch's weights-only unpickler names the refused global inside a long multi-line message.
 _REFUSED_GLOBAL = re.compile(r"Unsupported global: (GLOBAL [\w.]+)")
 
@@ -69,14 +74,20 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
 
 
 def check_ldm_checkpoint(ckpt: Any, path: str | Path, expected_stage: str | None = None) -> None:
-    """An ldm checkpoint carries `state_dict` and `ldm = {"stage", "config"}`; check both (and the
-    stage)."""
+    """An ldm checkpoint carries `state_dict` and `ldm = {"stage", "config", "format_version"}`;
+    check them (and the stage). A format version newer than CHECKPOINT_FORMAT_VERSION is refused."""
     path = str(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "ldm" not in ckpt:
         raise UserError(f"{path!r} is not an ldm checkpoint (no 'state_dict'/'ldm' entries)")
     meta = ckpt["ldm"]
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise UserError(f"{path!r} is not an ldm checkpoint (its 'ldm' entry has no config)")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+        raise UserError(
+            f"{path!r} has checkpoint format version {version!r}, newer than this ldm reads "
+            f"(format version {CHECKPOINT_FORMAT_VERSION}); update ldm to load it"
+        )
     stage = meta.get("stage")
     if stage not in STAGES:
         raise UserError(f"{path!r} names an unknown stage {stage!r}; expected one of {STAGES}")

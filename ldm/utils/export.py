@@ -46,7 +46,7 @@ def export_safetensors(ckpt_path: str | Path, out_path: str | Path) -> Path:
     """Write `out_path` (.safetensors) from an ldm checkpoint; returns the path written."""
     ckpt = load_checkpoint(ckpt_path)
     tensors = unshared(ckpt["state_dict"], ckpt_path)
-    meta = {"stage": ckpt["ldm"]["stage"], "config": ckpt["ldm"]["config"]}
+    meta = {k: v for k, v in ckpt["ldm"].items() if k in ("stage", "config", "format_version")}
     payload = save(tensors, metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
     atomic_write(out_path, lambda f: f.write(payload))
     return Path(out_path)

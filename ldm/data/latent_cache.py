@@ -24,6 +24,7 @@ from ldm.data.datamodule import ImageDataModule
 from ldm.data.img2img import Img2ImgDataModule
 from ldm.data.sources import LatentTensors
 from ldm.models.latent_diffusion import encode_latents
+from ldm.utils.cache_lock import cache_lock
 from ldm.utils.checkpoint import file_sha256
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,9 @@ def latent_cache_datamodule(
     datamodule.setup()
     key = latent_cache_key(autoencoder_ckpt, "full", datamodule.fingerprint())
     loader = datamodule.loader(datamodule.full_dataset, shuffle=False)
-    path = build_latent_cache(autoencoder, loader, cache_dir, key)
+    # Runs that start together (sweep jobs, DDP ranks) encode it once; the others wait and reuse.
+    with cache_lock(Path(cache_dir) / f"{key}.pt", "latent cache"):
+        path = build_latent_cache(autoencoder, loader, cache_dir, key)
     kwargs = dict(
         source=LatentTensors(str(path), num_classes=datamodule.num_classes),
         name=f"latents-{datamodule.name}",

@@ -44,6 +44,7 @@ from ldm.metrics.train_classifier import (
     save_json,
     save_tensors,
 )
+from ldm.utils.cache_lock import cache_lock
 from ldm.utils.checkpoint import file_sha256, read_torch_file
 from ldm.utils.errors import UserError
 
@@ -448,17 +449,29 @@ def cached_real_features(
     cache_file: Path | None,
     batch_size: int = 500,
 ) -> torch.Tensor:
-    """Real features (N, d), read from `cache_file` if present, else extracted and saved there."""
-    if cache_file is not None and cache_file.is_file():
-        payload = read_torch_file(cache_file, what="FID real-features cache")
-        if payload.get("extractor") == extractor.cache_key:
-            return payload["features"]
-    feats = extract_features(extractor, dataset, batch_size)
-    if cache_file is not None:
-        save_tensors(
-            {"features": feats, "extractor": extractor.cache_key, "num_images": len(feats)},
-            cache_file,
-        )
+    """Real features (N, d), read from `cache_file` if present, else extracted and saved there
+    (once: concurrent runs wait for the first, see ldm.utils.cache_lock)."""
+
+    def cached() -> torch.Tensor | None:
+        if cache_file is not None and cache_file.is_file():
+            payload = read_torch_file(cache_file, what="FID real-features cache")
+            if payload.get("extractor") == extractor.cache_key:
+                return payload["features"]
+        return None
+
+    if cache_file is None:
+        return extract_features(extractor, dataset, batch_size)
+    feats = cached()
+    if feats is not None:
+        return feats
+    with cache_lock(cache_file, "FID real features"):
+        feats = cached()
+        if feats is None:
+            feats = extract_features(extractor, dataset, batch_size)
+            save_tensors(
+                {"features": feats, "extractor": extractor.cache_key, "num_images": len(feats)},
+                cache_file,
+            )
     return feats
 
 
@@ -550,10 +563,39 @@ def reference_scores(
         "kid_subset_size": metrics.kid_subset_size,
         "seed": seed,
     }
-    if cache_file is not None and cache_file.is_file():
-        cached = json.loads(cache_file.read_text())
-        if cached.get("settings") == settings:
-            return cached["scores"]
+
+    def cached() -> dict[str, float | int] | None:
+        if cache_file is not None and cache_file.is_file():
+            stored = json.loads(cache_file.read_text())
+            if stored.get("settings") == settings:
+                return stored["scores"]
+        return None
+
+    scores = cached()
+    if scores is not None:
+        return scores
+    if cache_file is None:
+        return _reference_scores(
+            metrics, reference_images, num_noise, image_shape, batch_size, seed
+        )
+    with cache_lock(cache_file, "FID reference scores"):
+        scores = cached()
+        if scores is None:
+            scores = _reference_scores(
+                metrics, reference_images, num_noise, image_shape, batch_size, seed
+            )
+            save_json({"settings": settings, "scores": scores}, cache_file)
+    return scores
+
+
+def _reference_scores(
+    metrics: SampleMetrics,
+    reference_images: torch.Tensor | Dataset | Iterable,
+    num_noise: int,
+    image_shape: tuple[int, int, int],
+    batch_size: int,
+    seed: int,
+) -> dict[str, float | int]:
     metrics.reset()
     for images, _ in iter_image_batches(reference_images, batch_size):
         metrics.update(images)
@@ -576,6 +618,4 @@ def reference_scores(
         "noise_num_samples": ceiling["num_samples"],
         "num_real": floor["num_real"],
     }
-    if cache_file is not None:
-        save_json({"settings": settings, "scores": scores}, cache_file)
     return scores

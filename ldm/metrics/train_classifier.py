@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.metrics.classifier import FeatureClassifier
+from ldm.utils.cache_lock import cache_lock
 from ldm.utils.checkpoint import atomic_write, read_torch_file
 from ldm.utils.errors import UserError
 
@@ -242,7 +243,8 @@ def get_or_train_classifier(
     datamodule.setup("fit")
     weights, summary_path = classifier_paths(cache_dir, datamodule.fingerprint(), settings)
     say = print if verbose else (lambda _msg: None)
-    if weights.is_file() and summary_path.is_file() and not retrain:
+
+    def cached() -> tuple[FeatureClassifier, dict[str, Any]]:
         model, summary = load_classifier(weights, summary_path)
         say(
             f"FID classifier: loaded {weights} (test accuracy {summary['test_accuracy']:.4f} "
@@ -250,6 +252,24 @@ def get_or_train_classifier(
         )
         return model, summary
 
+    if weights.is_file() and summary_path.is_file() and not retrain:
+        return cached()
+    # Runs that start together train it once: the others wait here, then load it.
+    with cache_lock(weights, "FID classifier") as waited:
+        if weights.is_file() and summary_path.is_file() and not (retrain and not waited):
+            return cached()
+        return train_and_save(datamodule, settings, weights, summary_path, device, say)
+
+
+def train_and_save(
+    datamodule: Any,
+    settings: dict[str, Any],
+    weights: Path,
+    summary_path: Path,
+    device: str | torch.device,
+    say: Callable[[str], Any],
+) -> tuple[FeatureClassifier, dict[str, Any]]:
+    """Train the classifier on the data module's train split and cache it (weights + summary)."""
     train_x, train_y = collect_images(datamodule.train_dataset)
     val_x, val_y = collect_images(datamodule.val_dataset)
     if train_y is None or val_y is None:

@@ -142,6 +142,25 @@ def test_cas_is_high_for_true_labels_and_low_for_shuffled(mnist, tiny_extractor,
     assert "cas" not in score(metrics, val_x)
 
 
+def test_precision_recall_separate_fidelity_from_diversity(mnist, tiny_extractor, real_features):
+    """On classifier features: held-out digits score high on all four (seen: 0.92, 0.89, 1.00,
+    0.85); 10 digits repeated 50 times are real-looking (precision) but cover little (recall 0,
+    coverage 0.06); noise is neither."""
+    val_x = mnist[2]
+    metrics = metrics_for(tiny_extractor, real_features)
+    held_out = score(metrics, val_x)
+    assert held_out["precision"] > 0.8 and held_out["recall"] > 0.8, held_out
+    assert held_out["coverage"] > 0.6 and 0.6 < held_out["density"] < 1.5, held_out
+    collapsed = score(metrics, val_x[:10].repeat(50, 1, 1, 1))
+    assert collapsed["precision"] > 0.8, collapsed
+    assert collapsed["recall"] < 0.1 and collapsed["coverage"] < 0.1, collapsed
+    noise = torch.randn(500, 1, 32, 32, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    noisy = score(metrics, noise)
+    # Noise features bunch up, partly inside a few wide real balls around odd digits: precision
+    # (0.65 here) is fooled by real outliers, density and coverage are not (Naeem et al.'s point).
+    assert noisy["density"] < 0.4 and noisy["recall"] < 0.05 and noisy["coverage"] < 0.05, noisy
+
+
 def test_compute_metrics_caches_real_features(tmp_path, mnist, tiny_extractor):
     train_x, _, val_x, val_y = mnist
     cache = tmp_path / "real.pt"
@@ -173,6 +192,7 @@ def test_reference_scores_floor_below_ceiling_and_cached(
         and ref["num_real"] == 4500
     )
     assert 0 < ref["fid_real_floor"] < ref["fid_noise_ceiling"] / 50
+    assert ref["precision_real"] > 0.8 and ref["recall_real"] > 0.8 and ref["coverage_real"] > 0.6
     stored = json.loads(cache.read_text())
     assert stored["scores"] == ref and stored["settings"]["extractor"] == tiny_extractor.cache_key
     assert reference_scores(metrics, [], 300, (1, 32, 32), cache) == ref  # from the cache
@@ -342,7 +362,7 @@ def test_ddp_ranks_share_samples_and_agree_with_one_process(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["num_samples"] == 25 and got["num_real"] == 30
-        for key in ("fid", "kid", "cas"):
+        for key in ("fid", "kid", "cas", "precision", "recall", "density", "coverage"):
             assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
 
 
@@ -431,6 +451,9 @@ def test_callback_logs_fid_kid_cas_and_references(tmp_path):
     assert 0 < m["val/fid"] < m["ref/fid_noise_ceiling"] / 10
     assert 0 < m["ref/fid_real_floor"] < m["ref/fid_noise_ceiling"] / 10
     assert m["val/cas"] > 0.8 and math.isfinite(m["val/kid"])
+    # Precision/recall/density/coverage beside them, and what held-out reals score on them.
+    for key in ("precision", "recall", "density", "coverage"):
+        assert 0.2 < m[f"val/{key}"] < 1.5 and 0.2 < m[f"ref/{key}_real"] < 1.5, key
     # Batches of 25, labels spread evenly over the 10 classes.
     assert [len(c) for c in model.calls] == [25, 25, 10] and model.samplers == [None] * 3
     assert torch.bincount(torch.cat(model.calls), minlength=10).tolist() == [6] * 10

@@ -3,9 +3,12 @@
 At the end of validation of every `every_n_epochs`-th epoch (and of the last epoch) it generates
 `num_samples` images with `pl_module.sample(...)` in batches — under DDP each rank generates its
 share and torchmetrics syncs the features — and logs `val/fid`, `val/kid`, `val/cas` (conditional
-models on labeled data) and `val/fid_num_samples`. Once per run it logs the reference points
-`ref/fid_real_floor` (val split vs train split) and `ref/fid_noise_ceiling` (Gaussian noise), with
-their KIDs and Ns. The real images are the train split of the image data module; their features,
+models on labeled data), `val/precision`, `val/recall`, `val/density`, `val/coverage` (fidelity
+and diversity apart, ldm.metrics.prdc) and `val/fid_num_samples`. Once per run it logs the
+reference points `ref/fid_real_floor` (val split vs train split) and `ref/fid_noise_ceiling`
+(Gaussian noise), with their KIDs and Ns, and what held-out reals score on the four k-NN metrics,
+`ref/precision_real`, `ref/recall_real`, `ref/density_real`, `ref/coverage_real` (with the val
+split's N, `ref/fid_real_floor_num_samples`; recall and coverage grow with the number of samples). The real images are the train split of the image data module; their features,
 the feature classifier and the references are cached under `<cache_dir>/fid/<dataset fingerprint>/`.
 """
 
@@ -30,6 +33,7 @@ from ldm.metrics.fid import (
     real_features_path,
     reference_scores,
 )
+from ldm.metrics.prdc import PRDC_KEYS
 from ldm.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,7 @@ class FIDCallback(pl.Callback):
         sampler_steps: evaluate with the model's sampler at this many steps
             (`pl_module.build_sampler(steps=...)`); None: the model's configured sampler as is.
         guidance_scale: classifier-free guidance scale for conditional models.
+        nearest_k: k of the k-NN balls of precision/recall/density/coverage (ldm.metrics.prdc).
         kid_subsets: number of random subsets KID is averaged over.
         kid_subset_size: KID subset size (capped by the numbers of real and generated images).
         classifier: settings of the feature classifier (epochs, batch_size, lr, seed, ...).
@@ -88,6 +93,7 @@ class FIDCallback(pl.Callback):
         log_reference: bool = True,
         progress_bar: bool = True,
         datamodule: pl.LightningDataModule | None = None,
+        nearest_k: int = 3,
     ):
         super().__init__()
         if every_n_epochs < 0:
@@ -96,6 +102,8 @@ class FIDCallback(pl.Callback):
             raise UserError(f"fid.num_samples={num_samples} must be >= 2")
         if batch_size <= 0:
             raise UserError(f"fid.batch_size={batch_size} must be positive")
+        if nearest_k < 1:
+            raise UserError(f"fid.nearest_k={nearest_k} must be >= 1")
         if sampler_steps is not None and sampler_steps <= 0:
             raise UserError(
                 f"fid.sampler_steps={sampler_steps} must be positive "
@@ -109,6 +117,7 @@ class FIDCallback(pl.Callback):
         )
         self.sampler_steps, self.guidance_scale = sampler_steps, guidance_scale
         self.kid_subsets, self.kid_subset_size, self.seed = kid_subsets, kid_subset_size, seed
+        self.nearest_k = nearest_k
         self.classifier_settings = dict(classifier or {})
         self.log_reference, self.progress_bar, self.datamodule = (
             log_reference,
@@ -222,6 +231,7 @@ class FIDCallback(pl.Callback):
             kid_subsets=self.kid_subsets,
             kid_subset_size=self.kid_subset_size,
             seed=self.seed,
+            nearest_k=self.nearest_k,
         ).to(pl_module.device)
         self.metrics.set_real_features(real)
         if self.log_reference:
@@ -233,6 +243,7 @@ class FIDCallback(pl.Callback):
                     kid_subset_size=self.kid_subset_size,
                     seed=self.seed,
                     sync_on_compute=False,
+                    nearest_k=self.nearest_k,
                 ).to(pl_module.device)
                 local.set_real_features(real)
                 shape = (datamodule.num_channels, datamodule.image_size, datamodule.image_size)
@@ -304,6 +315,7 @@ class FIDCallback(pl.Callback):
             "val/fid": scores["fid"],
             "val/kid": scores["kid"],
             "val/fid_num_samples": scores["num_samples"],
+            **{f"val/{key}": scores[key] for key in PRDC_KEYS},
         }
         if "cas" in scores:
             values["val/cas"] = scores["cas"]
@@ -317,6 +329,7 @@ class FIDCallback(pl.Callback):
                     "ref/fid_noise_ceiling": ref["fid_noise_ceiling"],
                     "ref/kid_noise_ceiling": ref["kid_noise_ceiling"],
                     "ref/fid_noise_ceiling_num_samples": ref["noise_num_samples"],
+                    **{f"ref/{key}_real": ref[f"{key}_real"] for key in PRDC_KEYS},
                 }
             )
             self._reference_logged = True
@@ -325,6 +338,7 @@ class FIDCallback(pl.Callback):
             pl_module.log(name, float(value), on_epoch=True, sync_dist=True)
         if trainer.is_global_zero:
             extra = f", CAS {scores['cas']:.3f}" if "cas" in scores else ""
+            extra += "".join(f", {key} {scores[key]:.3f}" for key in PRDC_KEYS)
             log.info(
                 "epoch %d: FID %.3f KID %.5f%s (N=%d vs %d reals, %s features) in %.1fs",
                 trainer.current_epoch,

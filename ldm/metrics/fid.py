@@ -7,6 +7,8 @@
   kernel, averaged over random subsets), torchmetrics' KernelInceptionDistance.
 - CAS: class-conditional accuracy of samples: images generated for label k that the dataset's
   feature classifier classifies as k.
+- precision / recall / density / coverage (ldm.metrics.prdc: Kynkaenniemi et al. 2019, Naeem et
+  al. 2020): fidelity and diversity as separate numbers, on the same features as FID.
 
 Feature extractors take float images in [0, 1] (torchmetrics' `normalize=True` convention) with any
 channel count that can be mapped to theirs (1 <-> 3) and any size (resized):
@@ -38,6 +40,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from ldm.data.sources import tensor_fingerprint
 from ldm.metrics.classifier import FeatureClassifier
+from ldm.metrics.prdc import PRDC, PRDC_KEYS
 from ldm.metrics.train_classifier import (
     get_or_train_classifier,
     iter_image_batches,
@@ -282,7 +285,8 @@ def _distributed() -> bool:
 
 
 class SampleMetrics(nn.Module):
-    """FID, KID and (for labeled data) CAS of generated images against cached real features.
+    """FID, KID, precision/recall/density/coverage (k-NN with `nearest_k`) and (for labeled data)
+    CAS of generated images against cached real features.
 
     Usage: `set_real_features(feats)` once, `update(images, labels)` per generated batch (images in
     [-1, 1]), `compute()`, `reset()` (keeps the reals). Under torch.distributed each rank updates
@@ -300,6 +304,7 @@ class SampleMetrics(nn.Module):
         kid_subset_size: int = 1000,
         seed: int = 0,
         sync_on_compute: bool = True,
+        nearest_k: int = 3,
     ):
         super().__init__()
         if kid_subset_size < 2:
@@ -325,6 +330,7 @@ class SampleMetrics(nn.Module):
             )
         self.fid.set_dtype(torch.float64)
         self.kid.set_dtype(torch.float64)
+        self.prdc = PRDC(nearest_k, seed=seed, sync_on_compute=sync_on_compute)
         self.cas = None
         if classifier is not None and num_classes is not None:
             self.cas = MulticlassAccuracy(
@@ -352,6 +358,7 @@ class SampleMetrics(nn.Module):
         self.fid.reset_real_features = self.kid.reset_real_features = False
         self.num_real = len(features)
         features = features.to(self.device)
+        self.prdc.set_real_features(features)  # every rank holds all reals; only fakes are synced
         if self.sync_on_compute and _distributed() and torch.distributed.get_rank() > 0:
             # Empty but 2-D, so torchmetrics' all-gather of the list state lines up with rank 0's.
             self.kid.real_features = [features[:0].double()]
@@ -366,6 +373,7 @@ class SampleMetrics(nn.Module):
         feats = self.extractor(x01)  # (B, d)
         self.fid.update(feats, real=False)
         self.kid.update(feats, real=False)
+        self.prdc.update(feats)
         self.num_fake += len(feats)
         if self.cas is not None and labels is not None:
             self.cas.update(self.classifier.logits(x01).argmax(1), labels.to(self.device))
@@ -378,7 +386,8 @@ class SampleMetrics(nn.Module):
 
     @torch.no_grad()
     def compute(self) -> dict[str, float | int]:
-        """{"fid", "kid", "kid_std", "num_samples", "num_real"} and "cas" when labels were given."""
+        """{"fid", "kid", "kid_std", "precision", "recall", "density", "coverage", "num_samples",
+        "num_real"} and "cas" when labels were given (the four k-NN scores are NaN for N <= k)."""
         if self.num_real < 2:
             raise RuntimeError("set_real_features() was not called with at least 2 real images")
         num_fake = self._global_num_fake()
@@ -397,6 +406,7 @@ class SampleMetrics(nn.Module):
             num_samples=num_fake,
             num_real=self.num_real,
         )
+        out.update(self.prdc.compute())
         if self.cas is not None and self.cas.update_count > 0:
             out["cas"] = float(self.cas.compute())
         return out
@@ -405,6 +415,7 @@ class SampleMetrics(nn.Module):
         """Forget the generated images (the real features stay)."""
         self.fid.reset()
         self.kid.reset()
+        self.prdc.reset()
         if self.cas is not None:
             self.cas.reset()
         self.num_fake.zero_()
@@ -515,8 +526,9 @@ def compute_metrics(
     kid_subsets: int = 20,
     kid_subset_size: int = 1000,
     seed: int = 0,
+    nearest_k: int = 3,
 ) -> dict[str, float | int]:
-    """FID, KID (and CAS when `fake_labels` and `classifier` are given) of generated images
+    """FID, KID, precision/recall/density/coverage (and CAS when `fake_labels` and `classifier` are given) of generated images
     (N, C, H, W) in [-1, 1] against real images (a Dataset, a loader or a tensor in [-1, 1]).
 
     Single process; returns the scores with `num_samples` (N) and `num_real`.
@@ -530,6 +542,7 @@ def compute_metrics(
         kid_subset_size=kid_subset_size,
         seed=seed,
         sync_on_compute=False,
+        nearest_k=nearest_k,
     )
     metrics.to(module_device(extractor))
     metrics.set_real_features(cached_real_features(extractor, reals, real_cache, batch_size))
@@ -550,7 +563,8 @@ def reference_scores(
 ) -> dict[str, float | int]:
     """Scores that make a FID readable, against the reals loaded in `metrics`:
 
-    - real floor: held-out real images (the val split) scored as if generated;
+    - real floor: held-out real images (the val split) scored as if generated (FID, KID and
+      precision/recall/density/coverage: what a perfect generator of that many images would get);
     - noise ceiling: `num_noise` images of standard Gaussian noise clipped to [-1, 1].
     Cached as JSON in `cache_file`, reused while the settings (extractor weights, Ns, KID
     settings, seed) match. `metrics` is reset afterwards.
@@ -562,6 +576,7 @@ def reference_scores(
         "kid_subsets": metrics.kid.subsets,
         "kid_subset_size": metrics.kid_subset_size,
         "seed": seed,
+        "nearest_k": metrics.prdc.nearest_k,
     }
 
     def cached() -> dict[str, float | int] | None:
@@ -617,5 +632,6 @@ def _reference_scores(
         "kid_noise_ceiling": ceiling["kid"],
         "noise_num_samples": ceiling["num_samples"],
         "num_real": floor["num_real"],
+        **{f"{key}_real": floor[key] for key in PRDC_KEYS},  # held-out reals vs train
     }
     return scores

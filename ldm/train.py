@@ -217,11 +217,20 @@ def use_autoencoder_config(cfg: DictConfig, ae_config: dict[str, Any]) -> None:
 def save_final_grid(
     model: pl.LightningModule, datamodule: pl.LightningDataModule, cfg: DictConfig
 ) -> Path:
-    """Sample one grid from the final (EMA) model: one row per class when conditional, with the
-    validation grid's guidance scale (`model.diffusion.val_guidance_scale`)."""
-    num_classes = getattr(datamodule, "num_classes", None)
+    """Sample one grid from the final (EMA) model: one row per class (or per prompt of a text
+    model) with the validation grid's guidance scale (`model.diffusion.val_guidance_scale`)."""
+    num_classes = model.num_classes
     generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
-    if num_classes:
+    if model.takes_prompts:
+        nrow = 8
+        prompts = [p for p in model.validation_prompts(8, datamodule) for _ in range(nrow)]
+        images = model.sample(
+            len(prompts),
+            prompts=prompts,
+            generator=generator,
+            guidance_scale=model.hparams.val_guidance_scale,
+        )
+    elif num_classes:
         per_class = 8
         labels = torch.arange(num_classes, device=model.device).repeat_interleave(per_class)
         images = model.sample(

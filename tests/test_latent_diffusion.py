@@ -88,7 +88,7 @@ def fixed_loss(model: LatentDiffusion, batch, seed: int = 0) -> float:
         x0 = model.batch_latents(batch)
         t = torch.randint(0, model.schedule.num_timesteps, (x0.shape[0],), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        return model.diffusion_loss(x0, t, noise, model.batch_labels(batch)).item()
+        return model.diffusion_loss(x0, t, noise, model.condition(batch)).item()
 
 
 def same_batch_loader(batch, n: int) -> DataLoader:
@@ -202,7 +202,7 @@ def test_loss_is_min_snr_weighted_v_regression(tmp_path):
     weight = snr.clamp(max=5.0) / (snr + 1)
     with torch.no_grad():
         mse = (model.unet(x_t, t, labels) - v).pow(2).mean(dim=(1, 2, 3))
-        loss = model.diffusion_loss(x0, t, noise, labels)
+        loss = model.diffusion_loss(x0, t, noise, {"class_labels": labels})
     assert torch.allclose(loss, (weight * mse).mean(), rtol=1e-5)
     assert not torch.allclose(loss, mse.mean(), rtol=1e-2)
 
@@ -221,7 +221,10 @@ def test_cond_drop_prob_one_ignores_the_label(tmp_path):
             randomize=True,
         )
         model.unet.register_forward_hook(
-            lambda m, args, out: seen.append((args[2].clone(), out.detach()))
+            lambda m, args, kwargs, out: seen.append(
+                (kwargs["class_labels"].clone(), out.detach())
+            ),
+            with_kwargs=True,
         )
         return model.training_step(b, batch_idx=5).detach()
 

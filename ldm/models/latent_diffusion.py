@@ -22,7 +22,8 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from ldm.diffusion.schedules import LOSS_WEIGHTINGS
-from ldm.utils.images import log_image_grid, to_display_range
+from ldm.modules.conditioning import ClassConditioner
+from ldm.utils.images import log_image_grid, log_prompt_table, to_display_range
 
 
 @torch.no_grad()
@@ -44,7 +45,8 @@ class LatentDiffusion(pl.LightningModule):
     """Denoising diffusion on `scale_factor * autoencoder.encode(x)` latents.
 
     Args:
-        unet: the denoiser `unet(x_t, t, class_labels) -> prediction` (ldm.modules.unet.UNet).
+        unet: the denoiser `unet(x_t, t, **cond) -> prediction` (ldm.modules.unet.UNet), `cond`
+            the conditioner's output (`class_labels`, or `context` + `context_mask`).
         autoencoder: a trained stage-1 model with `encode`, `decode`, `scale_factor`,
             `latent_channels`, `downsample_factor`. Frozen here: eval mode, no gradients, not
             optimised; its weights are part of this module's checkpoint (self-contained).
@@ -52,16 +54,24 @@ class LatentDiffusion(pl.LightningModule):
             `schedule.prediction_type` is what the UNet predicts.
         sampler: `sampler(schedule=...) -> Sampler` (the Hydra `_partial_` of build_sampler); kept
             unbuilt and built on demand against `self.schedule`.
-        optimizer: `optimizer(params) -> Optimizer` (Hydra `_partial_`), applied to the UNet only.
+        optimizer: `optimizer(params) -> Optimizer` (Hydra `_partial_`), applied to the UNet and
+            the conditioner's trainable parameters (a jointly trained text encoder).
         lr_scheduler: optional `lr_scheduler(optimizer)` (Hydra `_partial_`), stepped every step.
         loss_weighting: "uniform" or "min_snr"; min_snr_gamma: gamma of min-SNR weighting.
-        cond_drop_prob: probability of replacing a label by the null class in training.
+        cond_drop_prob: probability of replacing a condition by the null one in training (the null
+            class, the empty caption), for classifier-free guidance.
+        conditioner: maps a batch to the UNet's conditioning inputs (ldm.modules.conditioning; the
+            config group `conditioning`). None: class labels when the UNet has a class embedding
+            (`unet.num_classes`, the behaviour and layout of checkpoints made before conditioners
+            existed), else unconditional.
         image_size: pixel size of the (square) images; the latent grid is
             image_size // autoencoder.downsample_factor (set from `${data.image_size}` in yaml, so a
             checkpoint knows its latent shape without a datamodule).
         num_val_samples: size of the sample grid logged each validation epoch (0: none).
         val_guidance_scale: classifier-free guidance scale of that grid (conditional models).
         val_seed: seed of the validation noise, t and grid noise (same seed -> comparable runs).
+        val_prompts: captions of the validation grid of a text-conditioned model (None: the
+            captions of the first validation batch).
     """
 
     def __init__(
@@ -75,11 +85,13 @@ class LatentDiffusion(pl.LightningModule):
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
         cond_drop_prob: float = 0.1,
+        conditioner: nn.Module | None = None,
         *,
         image_size: int,
         num_val_samples: int = 16,
         val_guidance_scale: float = 1.0,
         val_seed: int = 0,
+        val_prompts: list[str] | None = None,
     ):
         super().__init__()
         if loss_weighting not in LOSS_WEIGHTINGS:
@@ -107,9 +119,21 @@ class LatentDiffusion(pl.LightningModule):
             raise ValueError(f"num_val_samples={num_val_samples} must be >= 0")
         # Only plain data goes to hparams, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
-            ignore=["unet", "autoencoder", "schedule", "sampler", "optimizer", "lr_scheduler"]
+            ignore=[
+                *("unet", "autoencoder", "schedule", "sampler", "optimizer", "lr_scheduler"),
+                "conditioner",
+            ]
         )
+        if conditioner is None and unet.num_classes is not None:
+            conditioner = ClassConditioner(unet.num_classes)
+        context_dim = getattr(conditioner, "context_dim", None)
+        if context_dim != getattr(unet, "context_dim", None):
+            raise ValueError(
+                f"the conditioner makes a context of width {context_dim} but "
+                f"model.diffusion.unet.context_dim={getattr(unet, 'context_dim', None)}"
+            )
         self.unet = unet
+        self.conditioner = conditioner
         self.autoencoder = autoencoder
         self.autoencoder.requires_grad_(False)
         self.autoencoder.eval()
@@ -154,33 +178,37 @@ class LatentDiffusion(pl.LightningModule):
             raise ValueError(f"batch has keys {sorted(batch)}; expected 'latent' or 'image'")
         return self.encode(batch["image"])
 
-    def batch_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        if self.num_classes is None:
-            return None
-        if "label" not in batch:
+    def condition(
+        self, batch: dict[str, Any], drop: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning kwargs for a batch ({} when unconditional); rows where `drop`
+        (B,) is True get the null condition."""
+        if self.conditioner is None:
+            return {}
+        key = self.conditioner.input_key
+        if key not in batch:
             raise ValueError(
-                f"the UNet is class-conditional (num_classes={self.num_classes}) but the batch has "
-                "no 'label'; use labelled data or unet.num_classes=null"
+                f"the model is conditioned on '{key}' ({type(self.conditioner).__name__}) but the "
+                f"batch has keys {sorted(batch)}; use data with '{key}' or another conditioning="
             )
-        return batch["label"]
+        return self.conditioner(batch, drop)
 
     # ----------------------------------------------------------------- objective
-    def model_fn(
-        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The denoiser as samplers see it: (B, c, h, w), (B,) -> prediction (B, c, h, w)."""
-        return self.unet(x_t, t, class_labels)
+    def model_fn(self, x_t: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        """The denoiser as samplers see it: (B, c, h, w), (B,), UNet kwargs -> (B, c, h, w)."""
+        return self.unet(x_t, t, **cond)
 
     def diffusion_loss(
         self,
         x0: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
-        class_labels: torch.Tensor | None,
+        cond: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Weighted MSE between the UNet output at x_t = q_sample(x0, t, noise) and the target."""
+        """Weighted MSE between the UNet output at x_t = q_sample(x0, t, noise) and the target;
+        `cond`: the UNet's conditioning kwargs (`condition(batch)`)."""
         x_t = self.schedule.q_sample(x0, t, noise)  # (B, c, h, w)
-        pred = self.unet(x_t, t, class_labels)  # (B, c, h, w)
+        pred = self.unet(x_t, t, **(cond or {}))  # (B, c, h, w)
         target = self.schedule.training_target(x0, noise, t)  # (B, c, h, w)
         mse = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
         weight = self.schedule.loss_weight(
@@ -199,15 +227,15 @@ class LatentDiffusion(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x0 = self.batch_latents(batch)  # (B, c, h, w)
-        labels = self.batch_labels(batch)  # (B,) or None
         b = x0.shape[0]
         g = self.training_generator(batch_idx)
         t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=g, device=self.device)
         noise = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
-        if labels is not None:
+        cond = {}
+        if self.conditioner is not None:
             drop = torch.rand(b, generator=g, device=self.device) < self.hparams.cond_drop_prob
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)  # (B,)
-        loss = self.diffusion_loss(x0, t, noise, labels)
+            cond = self.condition(batch, drop)  # null condition where drop (B,) is True
+        loss = self.diffusion_loss(x0, t, noise, cond)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         return loss
 
@@ -218,14 +246,14 @@ class LatentDiffusion(pl.LightningModule):
         val_seed + batch_idx, drawn on the CPU so the number is comparable across runs and
         devices."""
         x0 = self.batch_latents(batch)  # (B, c, h, w)
-        labels = self.batch_labels(batch)
+        cond = self.condition(batch)
         b = x0.shape[0]
         g = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
         noise = torch.randn(x0.shape, generator=g).to(device=self.device, dtype=x0.dtype)
         t = (
             torch.linspace(0, self.schedule.num_timesteps - 1, b).round().long().to(self.device)
         )  # (B,)
-        return self.diffusion_loss(x0, t, noise, labels), b
+        return self.diffusion_loss(x0, t, noise, cond), b
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, b = self.fixed_noise_loss(batch, batch_idx)
@@ -244,50 +272,61 @@ class LatentDiffusion(pl.LightningModule):
         would run.
 
         Every rank samples the same grid (cheap, and `log_image_grid` must be called on all ranks);
-        rank zero writes it. Classes run along the rows: column k shows label k.
+        rank zero writes it. Classes run along the rows: column k shows label k. A text model's
+        grid has one row per prompt (`val_prompts`, else the first validation captions).
         """
         n = self.hparams.num_val_samples
         if n == 0 or self.trainer.sanity_checking:
             return
         labels, scale, nrow = None, 1.0, math.ceil(math.sqrt(n))
-        if self.num_classes is not None:
+        prompts = None
+        if self.takes_prompts:
+            shown = self.validation_prompts(max(1, n // 4))
+            nrow = max(1, n // len(shown))
+            prompts = [p for p in shown for _ in range(nrow)]  # one row per prompt
+            n, scale = len(prompts), self.hparams.val_guidance_scale
+        elif self.num_classes is not None:
             labels = (
                 torch.arange(n, device=self.device) % self.num_classes
             )  # (n,) 0..K-1, 0..K-1, ...
             scale, nrow = self.hparams.val_guidance_scale, min(n, self.num_classes)
         g = torch.Generator().manual_seed(self.hparams.val_seed)
         images = self.sample(
-            n, class_labels=labels, guidance_scale=scale, generator=g
+            n, class_labels=labels, guidance_scale=scale, generator=g, prompts=prompts
         )  # (n, C, H, W)
         grid = make_grid(to_display_range(images), nrow=nrow, padding=2)  # (C, H', W') in [0, 1]
         log_image_grid(self.trainer, "val/samples", grid, self.global_step)
+        if prompts is not None:
+            log_prompt_table(self.trainer, "val/prompts", prompts, images, self.global_step)
+
+    def validation_prompts(self, num: int, datamodule: Any = None) -> list[str]:
+        """Prompts of the validation grid: `val_prompts`, else the first `num` distinct captions of
+        the validation set (of `datamodule`, default the trainer's)."""
+        if self.hparams.val_prompts:
+            return list(self.hparams.val_prompts)
+        datamodule = datamodule or self.trainer.datamodule
+        dataset = datamodule.val_dataset
+        captions: list[str] = []
+        for i in range(len(dataset)):
+            caption = dataset[i]["caption"]
+            if caption not in captions:
+                captions.append(caption)
+            if len(captions) == num:
+                break
+        return captions
 
     # ----------------------------------------------------------------- sampling
     def build_sampler(self, **overrides: Any) -> Any:
         """The configured sampler built on this module's schedule (`overrides`, e.g. steps=20)."""
         return self.sampler_factory(schedule=self.schedule, **overrides)
 
-    def null_labels(self, n: int) -> torch.Tensor:
-        return torch.full((n,), self.num_classes, dtype=torch.long, device=self.device)
-
-    def check_labels(
-        self, num_samples: int, class_labels: int | torch.Tensor | None, guidance_scale: float
-    ) -> torch.Tensor | None:
-        """Labels (num_samples,) on self.device, or None; rejects labels a model cannot take."""
-        if self.num_classes is None:
-            if class_labels is not None or guidance_scale != 1.0:
-                raise ValueError(
-                    "class_labels / guidance_scale given but the model is unconditional "
-                    "(unet.num_classes=None); pass class_labels=None, guidance_scale=1.0"
-                )
-            return None
-        if class_labels is None:
-            if guidance_scale != 1.0:
-                raise ValueError(
-                    f"guidance_scale={guidance_scale} needs class_labels "
-                    "(guidance pushes towards a class)"
-                )
-            return None
+    def check_labels(self, num_samples: int, class_labels: int | torch.Tensor) -> torch.Tensor:
+        """Labels (num_samples,) on self.device; rejects labels the model cannot take."""
+        if not isinstance(self.conditioner, ClassConditioner):
+            raise ValueError(
+                f"class_labels given but the model is {self.conditioning_name()}; "
+                + ("pass prompts" if self.takes_prompts else "pass class_labels=None")
+            )
         labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device)
         if labels.ndim == 0:
             labels = labels.expand(num_samples)
@@ -303,6 +342,52 @@ class LatentDiffusion(pl.LightningModule):
             )
         return labels
 
+    @property
+    def takes_prompts(self) -> bool:
+        """True for a text-conditioned model (its conditioner reads batch["caption"])."""
+        return getattr(self.conditioner, "input_key", None) == "caption"
+
+    def conditioning_name(self) -> str:
+        if self.conditioner is None:
+            return "unconditional (conditioning=none)"
+        if isinstance(self.conditioner, ClassConditioner):
+            return f"class-conditional (conditioning=class, {self.num_classes} classes)"
+        return f"conditioned on '{self.conditioner.input_key}' ({type(self.conditioner).__name__})"
+
+    def sample_conditions(
+        self,
+        num_samples: int,
+        class_labels: int | torch.Tensor | None,
+        prompts: str | list[str] | None,
+        guidance_scale: float,
+    ) -> dict[str, Any] | None:
+        """The batch-like condition of `sample` (`{"label": (N,)}`, `{"caption": [N str]}`) or None
+        (unconditional); one-line errors for a condition the model cannot take."""
+        if class_labels is not None and prompts is not None:
+            raise ValueError("pass class_labels or prompts, not both")
+        conditions = None
+        if class_labels is not None:
+            conditions = {"label": self.check_labels(num_samples, class_labels)}
+        elif prompts is not None:
+            if not self.takes_prompts:
+                raise ValueError(
+                    f"prompts given but the model is {self.conditioning_name()}; it takes no text"
+                    + (" (pass class_labels)" if self.num_classes else "")
+                )
+            prompts = [prompts] * num_samples if isinstance(prompts, str) else list(prompts)
+            if len(prompts) != num_samples:
+                raise ValueError(f"{len(prompts)} prompts for num_samples={num_samples}")
+            conditions = {"caption": prompts}
+        if conditions is not None:
+            self.conditioner.check_conditions(conditions)
+        elif guidance_scale != 1.0:
+            wanted = "prompts" if self.takes_prompts else "class_labels"
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs {wanted} (guidance pushes towards a "
+                f"condition); the model is {self.conditioning_name()}"
+            )
+        return conditions
+
     @torch.no_grad()
     def sample(
         self,
@@ -313,12 +398,14 @@ class LatentDiffusion(pl.LightningModule):
         sampler: Any | None = None,
         callback: Callable[..., Any] | None = None,
         latent_shape: tuple[int, int, int] | None = None,
+        prompts: str | list[str] | None = None,
     ) -> torch.Tensor:
         """Generate images (num_samples, C, H, W) in [-1, 1] by reverse diffusion in latent space.
 
         class_labels: None (unconditional: the null class on a conditional model), an int for all,
-            or a LongTensor (num_samples,). guidance_scale: classifier-free guidance
-            pred = uncond + s * (cond - uncond) (Ho & Salimans 2022, Eq. 6), s=1 is plain
+            or a LongTensor (num_samples,). prompts: a caption for all or one per sample (a
+            text-conditioned model; None: the empty caption). guidance_scale: classifier-free
+            guidance pred = uncond + s * (cond - uncond) (Ho & Salimans 2022, Eq. 6), s=1 is plain
             conditional sampling. generator: seeds x_T (drawn on the generator's device, so a CPU
             generator gives the same start noise on any device) and the sampler's noise.
             sampler: a built Sampler (default: the configured one, `build_sampler()`).
@@ -326,20 +413,23 @@ class LatentDiffusion(pl.LightningModule):
         """
         if num_samples <= 0:
             raise ValueError(f"num_samples={num_samples} must be positive")
-        labels = self.check_labels(num_samples, class_labels, guidance_scale)
+        conditions = self.sample_conditions(num_samples, class_labels, prompts, guidance_scale)
         sampler = sampler if sampler is not None else self.build_sampler()
         shape = (num_samples, *(latent_shape or self.latent_shape))
         noise_device = generator.device if generator is not None else self.device
         x_T = torch.randn(shape, generator=generator, device=noise_device).to(
             self.device
         )  # (N, c, h, w)
-        cond = uncond = None
-        if labels is not None:
-            cond = {"class_labels": labels}
-            uncond = {"class_labels": self.null_labels(num_samples)}
-        was_training = self.unet.training
-        self.unet.eval()
+        was_training = self.training
+        self.eval()  # UNet and conditioner (a text encoder's dropout)
         try:
+            cond = uncond = None
+            if conditions is not None:
+                cond = self.condition(conditions)
+                drop = torch.ones(num_samples, dtype=torch.bool, device=self.device)
+                uncond = self.condition(conditions, drop)
+            elif self.conditioner is not None:
+                cond = self.conditioner.unconditional(num_samples, self.device)
             z0 = sampler(
                 self.model_fn,
                 x_T,
@@ -350,12 +440,15 @@ class LatentDiffusion(pl.LightningModule):
                 callback=callback,
             )  # (N, c, h, w)
         finally:
-            self.unet.train(was_training)
+            self.train(was_training)
         return self.decode(z0)  # (N, C, H, W)
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.unet.parameters())
+        params = list(self.unet.parameters())
+        if self.conditioner is not None:  # a jointly trained text encoder; frozen ones are skipped
+            params += [p for p in self.conditioner.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)

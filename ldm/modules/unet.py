@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.modules.attention import SpatialTransformer
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (B,) timesteps -> (B, dim) (Vaswani et al. 2017, Sec. 3.5; DDPM App.
@@ -147,6 +149,10 @@ class UNet(nn.Module):
             extra row `num_classes` is the null class used for classifier-free guidance.
         gradient_checkpointing: recompute block activations in backward (less memory, ~30% slower).
         norm_num_groups: GroupNorm groups (must divide every block's channels).
+        context_dim: width D of a cross-attention context (B, L, D) (text conditioning): the
+            attention blocks become SpatialTransformers (self-attention, cross-attention to the
+            context, feed-forward; ldm.modules.attention). None: plain self-attention blocks.
+        transformer_depth: transformer blocks per SpatialTransformer.
     """
 
     def __init__(
@@ -162,6 +168,8 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         gradient_checkpointing: bool = False,
         norm_num_groups: int = 32,
+        context_dim: int | None = None,
+        transformer_depth: int = 1,
     ):
         super().__init__()
         channel_mult, attention_levels = list(channel_mult), list(attention_levels)
@@ -181,10 +189,16 @@ class UNet(nn.Module):
             raise ValueError(f"num_classes={num_classes} must be None or >= 1")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.model_channels, self.num_classes = model_channels, num_classes
+        self.context_dim = context_dim
         self.num_levels = len(channel_mult)
         self.gradient_checkpointing = gradient_checkpointing
         emb_dim = 4 * model_channels
         groups = norm_num_groups
+
+        def attention(ch: int) -> nn.Module:
+            if context_dim is None:
+                return AttentionBlock(ch, num_heads, groups)
+            return SpatialTransformer(ch, num_heads, groups, context_dim, transformer_depth)
 
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -201,7 +215,7 @@ class UNet(nn.Module):
                 blocks = [ResBlock(ch, model_channels * mult, emb_dim, dropout, groups)]
                 ch = model_channels * mult
                 if level in attention_levels:
-                    blocks.append(AttentionBlock(ch, num_heads, groups))
+                    blocks.append(attention(ch))
                 self.down.append(nn.ModuleList(blocks))
                 skip_channels.append(ch)
             if level != self.num_levels - 1:
@@ -211,7 +225,7 @@ class UNet(nn.Module):
         self.mid = nn.ModuleList(
             [
                 ResBlock(ch, ch, emb_dim, dropout, groups),
-                AttentionBlock(ch, num_heads, groups),
+                attention(ch),
                 ResBlock(ch, ch, emb_dim, dropout, groups),
             ]
         )
@@ -226,7 +240,7 @@ class UNet(nn.Module):
                 ]
                 ch = model_channels * mult
                 if level in attention_levels:
-                    blocks.append(AttentionBlock(ch, num_heads, groups))
+                    blocks.append(attention(ch))
                 if level != 0 and i == num_res_blocks:
                     blocks.append(Upsample(ch))
                 self.up.append(nn.ModuleList(blocks))
@@ -248,18 +262,28 @@ class UNet(nn.Module):
             class_labels = torch.full_like(t, self.num_classes)
         return emb + self.class_embed(class_labels)  # (B, E)
 
-    def run_block(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def run_block(
+        self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: tuple
+    ) -> torch.Tensor:
+        args = context if isinstance(block, SpatialTransformer) else (emb,)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, use_reentrant=False)
-        return block(h, emb)
+            return checkpoint(block, h, *args, use_reentrant=False)
+        return block(h, *args)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        *,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, C, H, W), t LongTensor (B,), class_labels LongTensor (B,) or None -> (B, C_out, H,
-        W).
+        """x (B, C, H, W), t LongTensor (B,) -> prediction (B, C_out, H, W).
 
-        `class_labels` may contain `num_classes` (the null class); None means all null.
+        `class_labels` LongTensor (B,) may contain `num_classes` (the null class); None means all
+        null. `context` (B, L, context_dim) and `context_mask` (B, L) bool (True = real token,
+        None = all real): the cross-attention condition, required when `context_dim` is set.
         """
         stride = 2 ** (self.num_levels - 1)
         if x.shape[-1] % stride or x.shape[-2] % stride:
@@ -270,17 +294,27 @@ class UNet(nn.Module):
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t has shape {tuple(t.shape)}; expected ({x.shape[0]},)")
         emb = self.embed(t, class_labels)  # (B, E)
+        if (context is None) != (self.context_dim is None):
+            raise ValueError(
+                f"the UNet has context_dim={self.context_dim} but context is "
+                f"{'None' if context is None else tuple(context.shape)}"
+            )
+        if context is not None and (context.ndim != 3 or context.shape[-1] != self.context_dim):
+            raise ValueError(
+                f"context has shape {tuple(context.shape)}; expected (B, L, {self.context_dim})"
+            )
+        ctx = (context, context_mask)
 
         h = self.conv_in(x)  # (B, mc, H, W)
         skips = [h]
         for blocks in self.down:
             for block in blocks:
-                h = self.run_block(block, h, emb)  # (B, mc * mult, H / 2^level, W / 2^level)
+                h = self.run_block(block, h, emb, ctx)  # (B, mc * mult, H / 2^level, W / 2^level)
             skips.append(h)
         for block in self.mid:
-            h = self.run_block(block, h, emb)  # (B, mc * mult[-1], H / stride, W / stride)
+            h = self.run_block(block, h, emb, ctx)  # (B, mc * mult[-1], H / stride, W / stride)
         for blocks in self.up:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, ch + skip_ch, h, w)
             for block in blocks:
-                h = self.run_block(block, h, emb)
+                h = self.run_block(block, h, emb, ctx)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)

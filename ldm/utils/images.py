@@ -40,6 +40,30 @@ def log_image_grid(trainer: Trainer, key: str, grid: torch.Tensor, step: int) ->
     return path
 
 
+def log_prompt_table(
+    trainer: Trainer, key: str, prompts: list[str], images: torch.Tensor, step: int
+) -> None:
+    """A W&B table (prompt, image) of samples (N, C, H, W) in [-1, 1], on global rank zero; other
+    loggers are skipped (the grid PNG of `log_image_grid` is their record)."""
+    if not trainer.is_global_zero:
+        return
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not loggers:
+        return
+    hwc = (to_display_range(images.detach().float().cpu()).permute(0, 2, 3, 1) * 255).round()
+    hwc = hwc.to(torch.uint8).numpy()  # (N, H, W, C)
+    import wandb  # present: a WandbLogger exists
+
+    rows = [[p, wandb.Image(img, caption=p)] for p, img in zip(prompts, hwc, strict=True)]
+    for logger in loggers:
+        logger.log_table(
+            key=key,
+            columns=["prompt", "image"],
+            data=rows,
+            step=step,
+        )
+
+
 def save_png(image: torch.Tensor, path: str | Path) -> None:
     """One image (C, H, W) in [-1, 1] as an 8-bit PNG: grayscale for C=1 (torchvision's save_image
     would write 3 channels), RGB for C=3, rounded the way save_image rounds. No timestamp or other

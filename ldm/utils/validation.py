@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.utils.errors import UserError
+from ldm.utils.rundir import claim_dir, first_process
 
 STAGES = ("all", "autoencoder", "diffusion")
 IMAGE_FOLDER_MODE_CHANNELS = {"RGB": 3, "L": 1}
@@ -240,8 +241,9 @@ def check_writable(
 
 
 class OutputDirCheck(HydraCallback):
-    """Hydra callback: check the run (or sweep) directory before Hydra creates it and writes its
-    `.hydra/` files there, which would otherwise fail with a traceback. Exits 2 with one line.
+    """Hydra callback: claim and check the run (or sweep) directory before Hydra creates it and
+    writes its `.hydra/` files there: a dir a live run owns, or one that cannot be written, would
+    otherwise be shared or fail with a traceback. Exits 2 with one line.
 
     conf/hydra/default.yaml: `callbacks: {output_dir_check: {_target_: ldm.utils.validation.OutputDirCheck}}`
     """
@@ -268,8 +270,23 @@ class OutputDirCheck(HydraCallback):
         finally:
             holder.cfg = previous
 
+    def claim(self, path: str, what: str) -> None:
+        """The run's first process creates and locks its dir (ldm.utils.rundir); a dir that a live
+        run holds is refused in one line, exit 2."""
+        if not first_process():
+            return
+        try:
+            claim_dir(path, what)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.check(self.resolve(config, "hydra.run.dir"), "hydra.run.dir")
+        path = self.resolve(config, "hydra.run.dir")
+        self.claim(path, "hydra.run.dir")
+        self.check(path, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.check(self.resolve(config, "hydra.sweep.dir"), "hydra.sweep.dir")
+        path = self.resolve(config, "hydra.sweep.dir")
+        self.claim(path, "hydra.sweep.dir")
+        self.check(path, "hydra.sweep.dir")

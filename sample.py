@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from ldm.utils.cli import check_group_overrides, exit_on_user_error
+import ldm.sample  # registers the schema SampleConfig (light: torch is imported only by run)
+from ldm.utils.cli import check_group_overrides, check_typed_overrides, exit_on_user_error
 from ldm.utils.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -34,14 +35,13 @@ def split_fid_flag(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(cfg: DictConfig) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from ldm.sample import run  # imported here so `--help` and bad overrides answer fast
-
     try:
         if FID_FLAG:
-            parsed = OverridesParser.create().parse_override(f"fid={FID_FLAG[-1]}")
-            with open_dict(cfg):
-                cfg.fid = parsed.value()
-        run(cfg)
+            value = OverridesParser.create().parse_override(f"fid={FID_FLAG[-1]}").value()
+            if not isinstance(value, bool):
+                raise UserError(f"fid={value!r} must be true or false")
+            cfg.fid = value
+        ldm.sample.run(cfg)
     except UserError as err:
         exit_on_user_error(err)
 
@@ -50,6 +50,7 @@ if __name__ == "__main__":
     sys.argv[1:], FID_FLAG[:] = split_fid_flag(sys.argv[1:])
     try:
         check_group_overrides(sys.argv[1:], CONF_DIR)
+        check_typed_overrides(sys.argv[1:], ldm.sample.SampleConfig)
     except UserError as err:
         exit_on_user_error(err)
     main()

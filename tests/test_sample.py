@@ -13,11 +13,12 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from omegaconf import open_dict
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from ldm.models.loading import load_latent_diffusion
-from ldm.sample import resolve_labels, run
+from ldm.sample import SampleConfig, resolve_labels, run
 from ldm.train import run as train_run
 from ldm.utils.checkpoint import file_sha256
 from ldm.utils.errors import UserError
@@ -164,6 +165,18 @@ def test_guidance_and_labels(checkpoints, tmp_path):
     assert single["labels"] == [9] * 5
 
 
+def test_schema_types_and_defaults_of_sample_yaml(tmp_path):
+    """conf/sample.yaml is built on the dataclass SampleConfig: its defaults, and Hydra itself
+    refuses a value of the wrong type while composing."""
+    cfg = compose_config(["ckpt=x", "precision=16"], tmp_path, config_name="sample")
+    assert OmegaConf.get_type(cfg) is SampleConfig
+    assert (cfg.num_samples, cfg.use_ema, cfg.precision, cfg.nfe_sweep) == (64, True, "16", None)
+    assert cfg.sampler.name == "ddim" and cfg.metrics.extractor == "classifier"
+    for bad in ("num_samples=abc", "guidance_scale=x", "nfe_sweep=[a]", "trajectory=maybe"):
+        with pytest.raises(ConfigCompositionException):
+            compose_config([bad], tmp_path, config_name="sample")
+
+
 def test_resolve_labels():
     assert resolve_labels(None, 12, 10, 1.0).tolist() == [*range(10), 0, 1]
     assert resolve_labels(4, 3, 10, 2.0).tolist() == [4, 4, 4]
@@ -223,6 +236,10 @@ BAD_INPUTS = {
     "num_samples <= 0": (["ckpt={stage2}", "num_samples=0"], "num_samples=0"),
     "batch_size <= 0": (["ckpt={stage2}", "batch_size=-2"], "batch_size=-2"),
     "fid not a bool": (["ckpt={stage2}", "fid=maybe"], "fid='maybe' must be true or false"),
+    # type errors and unknown keys come from the schema (ldm.sample.SampleConfig), in one line
+    "seed not an int": (["ckpt={stage2}", "seed=1.5"], "seed=1.5: Value '1.5' of type 'float'"),
+    "nfe_sweep of words": (["ckpt={stage2}", "nfe_sweep=[a]"], "nfe_sweep=[a]: Value 'a'"),
+    "unknown key": (["ckpt={stage2}", "num_sample=4"], "num_sample=4: no such setting"),
     "unknown FID extractor": (
         ["ckpt={stage2}", "fid@metrics=bar"],
         "fid@metrics='bar' is not an option",

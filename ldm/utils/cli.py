@@ -65,3 +65,43 @@ def exit_on_user_error(err: UserError) -> None:
     )
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def check_typed_overrides(argv: list[str], schema: type) -> None:
+    """Raise UserError for a `key=value` override that the structured config `schema` (a dataclass)
+    refuses: a value of the wrong type or a key it does not have. Hydra finds the same mistakes
+    while composing, but reports them in several lines; this asks OmegaConf the same question
+    first to answer in one. Keys typed `Any` (config groups and their sub-keys, free-form values),
+    Hydra's own keys, deletions and sweeps are left to Hydra and the caller's checks."""
+    import typing
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    hints = typing.get_type_hints(schema)
+    parser = OverridesParser.create()
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("-", "~", "hydra")):
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue  # a syntax error: Hydra's own message names it
+        key = override.key_or_group
+        top = key.split(".", 1)[0]
+        if override.package is not None or override.is_sweep_override() or key.startswith("hydra"):
+            continue
+        if top not in hints:
+            raise UserError(
+                f"{key}={override.get_value_element_as_str()}: no such setting "
+                "(`--cfg job` lists them)"
+            )
+        if hints[top] is typing.Any:
+            continue
+        try:
+            OmegaConf.update(OmegaConf.structured(schema), key, override.value(), merge=True)
+        except OmegaConfBaseException as err:
+            message = str(err).strip().splitlines()[0]
+            raise UserError(f"{arg.lstrip('+')}: {message}") from None

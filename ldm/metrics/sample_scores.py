@@ -1,0 +1,96 @@
+"""FID/KID/CAS of generated images against the train split of a stage-2 checkpoint's own dataset.
+
+`build_evaluator(ckpt, ...)` rebuilds the data module from the config stored in the checkpoint
+(allowlisted targets only), gets the feature extractor (training the FID classifier once, cached)
+and reuses the real-feature cache that the training FID callback filled. Used by `sample.py fid=true`
+and the NFE sweep (ldm.metrics.nfe_sweep).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.utils.errors import UserError
+
+
+@dataclass
+class Evaluator:
+    """`evaluate(images, labels)` -> {fid, kid, kid_std, cas, N, num_real} (ldm.metrics.fid)."""
+
+    extractor: Any
+    classifier: Any
+    reals: Any
+    real_cache: Path
+    metrics_cfg: DictConfig
+    dataset: str
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
+        from ldm.metrics.fid import compute_metrics
+
+        scores = compute_metrics(
+            images,
+            self.reals,
+            self.extractor,
+            fake_labels=labels if self.classifier is not None else None,
+            classifier=self.classifier,
+            real_cache=self.real_cache,
+            batch_size=self.metrics_cfg.batch_size,
+            kid_subsets=self.metrics_cfg.kid_subsets,
+            kid_subset_size=self.metrics_cfg.kid_subset_size,
+            seed=self.metrics_cfg.seed,
+        )
+        return {
+            "fid": scores["fid"],
+            "kid": scores["kid"],
+            "kid_std": scores["kid_std"],
+            "cas": scores.get("cas"),
+            "N": scores["num_samples"],
+            "num_real": scores["num_real"],
+        }
+
+
+def build_evaluator(
+    ckpt: Mapping[str, Any], path: Path, metrics_cfg: DictConfig, device: torch.device
+) -> Evaluator:
+    """The Evaluator of checkpoint `ckpt` (read from `path`) with the `fid` group's settings."""
+    from ldm.metrics.fid import build_extractor, real_features_path
+    from ldm.utils.instantiate import safe_instantiate
+
+    data_cfg = ckpt["ldm"]["config"].get("data")
+    if not isinstance(data_cfg, Mapping):
+        raise UserError(
+            f"checkpoint {str(path)!r} stores no data config; fid/nfe_sweep need the dataset"
+        )
+    classifier_cfg = metrics_cfg.get("classifier")
+    if isinstance(classifier_cfg, DictConfig):
+        classifier_cfg = OmegaConf.to_container(classifier_cfg, resolve=True)
+    try:
+        datamodule = safe_instantiate(data_cfg, where=f"checkpoint {str(path)!r} (data)")
+        datamodule.setup("fit")
+        extractor, classifier = build_extractor(
+            metrics_cfg.extractor,
+            datamodule,
+            metrics_cfg.cache_dir,
+            metrics_cfg.get("inception_weights"),
+            classifier_cfg,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"fid: {str(err).splitlines()[0]}") from err
+    extractor.to(device)
+    return Evaluator(
+        extractor=extractor,
+        classifier=classifier,
+        reals=datamodule.train_dataset,
+        # the file the training FID callback fills: sampling reuses the training run's real features
+        real_cache=real_features_path(metrics_cfg.cache_dir, datamodule.fingerprint(), extractor),
+        metrics_cfg=metrics_cfg,
+        dataset=str(data_cfg.get("name", data_cfg.get("_target_"))),
+    )

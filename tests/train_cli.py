@@ -24,10 +24,22 @@ FAST = ["debug=fast", "logger=csv", "fid.every_n_epochs=0", "trainer.determinist
 
 
 def train_cli(
-    *args: str, cwd: Path, launcher: tuple[str, ...] = (), timeout: float = 600
+    *args: str,
+    cwd: Path,
+    launcher: tuple[str, ...] = (),
+    timeout: float = 600,
+    env: dict[str, str | None] | None = None,
 ) -> subprocess.CompletedProcess:
-    """`python [launcher] train.py args` in `cwd` (logs and caches land under it); 1 thread/rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    """`python [launcher] train.py args` in `cwd` (logs and caches land under it); 1 thread/rank.
+    `env` adds variables to the environment (None removes one; W&B is offline unless removed)."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        **(env or {}),
+    }
+    env = {k: v for k, v in env.items() if v is not None}
     command = [sys.executable, *launcher, str(ROOT / "train.py"), *args]
     return subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout

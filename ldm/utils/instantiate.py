@@ -15,6 +15,7 @@ from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
 
 from ldm.utils.errors import UserError
+from ldm.utils.wandb_offline import online_or_reason
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,47 @@ def wandb_logged_in() -> bool:
     return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
 
 
+# Keys of logger.wandb that configure the start-up check, not WandbLogger.
+WANDB_STARTUP_KEYS = ("init_timeout", "require_online")
+
+
+def wandb_offline(lg_conf: DictConfig) -> bool:
+    """Whether the W&B logger runs offline: `offline: true`, `WANDB_MODE=offline|disabled`, no
+    credentials (with `offline: null`), or a server that cannot be reached or refuses the key within
+    `init_timeout` seconds (one warning line; with `require_online: true` a UserError instead)."""
+    offline = lg_conf.get("offline")
+    if offline or os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return True
+    if offline is None and not wandb_logged_in():
+        return True
+    timeout = float(lg_conf.get("init_timeout") or 5)
+    reason = online_or_reason(timeout)
+    if reason is None:
+        return False
+    if lg_conf.get("require_online"):
+        raise UserError(
+            f"logger.wandb.require_online=true but W&B is not usable: {reason}; "
+            "check the network, WANDB_BASE_URL and the API key, or set require_online=false"
+        )
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        save_dir = lg_conf.get("save_dir") or "."
+        log.warning(
+            "W&B: %s; logging offline instead (upload later: wandb sync %s/wandb/offline-run-*)",
+            reason,
+            save_dir,
+        )
+    return True
+
+
+_WARNED: set[str] = set()
+
+
 def instantiate_loggers(logger_cfg: DictConfig | None, name: str, group: str) -> list[Logger]:
     """Build the configured loggers; W&B gets the stage's run name and the shared group.
 
-    `offline: null` means offline unless logged in; `group: null` means the given `group`.
+    `offline: null` means offline unless logged in; `group: null` means the given `group`; a W&B
+    server that does not answer within `init_timeout` seconds means offline (`wandb_offline`).
     """
     loggers: list[Logger] = []
     for _, lg_conf in (logger_cfg or {}).items():
@@ -107,7 +145,8 @@ def instantiate_loggers(logger_cfg: DictConfig | None, name: str, group: str) ->
         if lg_conf._target_.endswith("WandbLogger"):
             overrides["name"] = lg_conf.get("name") or name
             overrides["group"] = lg_conf.get("group") or group
-            if lg_conf.get("offline") is None:
-                overrides["offline"] = not wandb_logged_in()
+            overrides["offline"] = wandb_offline(lg_conf)
+            resolved = OmegaConf.to_container(lg_conf, resolve=True)
+            lg_conf = {k: v for k, v in resolved.items() if k not in WANDB_STARTUP_KEYS}
         loggers.append(hydra.utils.instantiate(lg_conf, **overrides))
     return loggers

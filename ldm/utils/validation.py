@@ -40,6 +40,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_missing(cfg)
     check_resolvable(cfg)
     check_run_keys(cfg)
+    check_wandb(cfg)
     check_data(cfg.data)
     if cfg.stage == "diffusion":
         cfg = with_stage1_autoencoder(cfg)
@@ -65,6 +66,16 @@ def find_missing(node: Any, prefix: str = "") -> list[str]:
         elif OmegaConf.is_config(node[key]):
             found += find_missing(node[key], full)
     return found
+
+
+def check_wandb(cfg: DictConfig) -> None:
+    """Ask the W&B server now (bounded by `logger.wandb.init_timeout`; the answer is kept for the
+    loggers), so that `logger.wandb.require_online=true` fails before anything trains."""
+    from ldm.utils.instantiate import wandb_offline
+
+    for lg_conf in (cfg.get("logger") or {}).values():
+        if OmegaConf.is_dict(lg_conf) and str(lg_conf.get("_target_", "")).endswith("WandbLogger"):
+            wandb_offline(lg_conf)
 
 
 def check_missing(cfg: DictConfig) -> None:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ldm.data import MNIST5k, TensorImageDataset
 from ldm.models.autoencoder import KLAutoencoder, VQAutoencoder
-from ldm.modules.autoencoder import Decoder, Encoder, num_groups_for
+from ldm.modules.blocks import num_groups_for
 from ldm.modules.discriminator import (
     NLayerDiscriminator,
     adaptive_weight,
@@ -23,6 +23,7 @@ from ldm.modules.discriminator import (
     hinge_g_loss,
 )
 from ldm.modules.distributions import DiagonalGaussian
+from ldm.modules.encoder_decoder import Decoder, Encoder
 from ldm.modules.quantizer import VectorQuantizer
 from ldm.utils.images import log_image_grid
 from tests.conftest import quiet_trainer

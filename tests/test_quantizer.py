@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ldm.data import MNIST5k
-from ldm.modules.autoencoder import Encoder
+from ldm.modules.encoder_decoder import Encoder
 from ldm.modules.quantizer import (
     VectorQuantizer,
     codebook_perplexity,

@@ -29,9 +29,9 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
-from ldm.modules.autoencoder import Decoder, Encoder
 from ldm.modules.discriminator import adaptive_weight, hinge_d_loss, hinge_g_loss
 from ldm.modules.distributions import DiagonalGaussian
+from ldm.modules.encoder_decoder import Decoder, Encoder
 from ldm.modules.quantizer import VectorQuantizer, codebook_perplexity
 from ldm.utils.images import log_image_grid, to_display_range
 

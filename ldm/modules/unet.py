@@ -20,6 +20,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.blocks import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    Upsample,
+    group_norm,
+    zero_module,
+)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -37,100 +45,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     if dim % 2:
         emb = F.pad(emb, (0, 1))  # (B, dim)
     return emb
-
-
-def zero_module(module: nn.Module) -> nn.Module:
-    """Zero a layer's parameters so its residual branch starts as the identity (ADM, Sec. 3)."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
-
-
-def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
-    if channels % num_groups:
-        raise ValueError(
-            f"norm_num_groups={num_groups} does not divide {channels} channels; "
-            "choose model_channels * channel_mult divisible by norm_num_groups"
-        )
-    return nn.GroupNorm(num_groups, channels)
-
-
-class ResBlock(nn.Module):
-    """Residual block with adaptive GroupNorm: h = GN(h) * (1 + scale) + shift, (scale, shift)
-    from the time (+ class) embedding (ADM "AdaGN", Dhariwal & Nichol 2021, Sec. 3 and Eq. in
-    App. A).
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, num_groups: int):
-        super().__init__()
-        self.norm1 = group_norm(in_ch, num_groups)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch)
-        self.norm2 = group_norm(out_ch, num_groups)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
-        scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(
-            2, dim=1
-        )  # 2 x (B, out, 1, 1)
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(self.dropout(F.silu(h)))
-        return self.skip(x) + h
-
-
-class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions (Vaswani et al. 2017; DDPM App. B), computed
-    with `F.scaled_dot_product_attention` (fused/flash kernels where available)."""
-
-    def __init__(self, channels: int, num_heads: int, num_groups: int):
-        super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"num_heads={num_heads} does not divide {channels} channels")
-        self.num_heads = num_heads
-        self.norm = group_norm(channels, num_groups)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        # The 1x1 convolutions are applied as matmuls over the (B, HW, C) tokens (same weights,
-        # same result up to float rounding): on CPU a 1x1 conv costs several times a matmul, and
-        # the token layout feeds SDPA's fused kernel instead of its unfused math fallback.
-        b, c, h, w = x.shape
-        nh = self.num_heads
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
-        q, k, v = (
-            qkv.view(b, h * w, 3, nh, c // nh).permute(2, 0, 3, 1, 4).unbind(0)
-        )  # 3 x (B, nh, HW, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, HW, d)
-        out = out.transpose(1, 2).reshape(b, h * w, c)  # (B, HW, C)
-        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, HW, C)
-        return x + out.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
-
-
-class Downsample(nn.Module):
-    """Strided 3x3 convolution: (B, C, H, W) -> (B, C, H/2, W/2)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 then 3x3 convolution: (B, C, H, W) -> (B, C, 2H, 2W)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class UNet(nn.Module):

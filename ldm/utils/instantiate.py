@@ -22,6 +22,27 @@ log = logging.getLogger(__name__)
 # Configs read back from checkpoints may only build objects from these namespaces.
 SAFE_TARGET_PREFIXES = ("ldm.", "torch.optim.", "torch.nn.")
 
+# Classes that moved since checkpoints were written: old `_target_` -> new. A checkpoint stores its
+# config with the `_target_`s of its day; `safe_instantiate` maps them through this table, so old
+# checkpoints keep loading. Add a line whenever a class a config names is moved or renamed.
+RENAMED_TARGETS = {
+    # ldm/modules/autoencoder.py became ldm/modules/encoder_decoder.py (issue 15)
+    "ldm.modules.autoencoder.Encoder": "ldm.modules.encoder_decoder.Encoder",
+    "ldm.modules.autoencoder.Decoder": "ldm.modules.encoder_decoder.Decoder",
+}
+
+
+def upgrade_targets(node: Any) -> Any:
+    """A copy of a plain (stored) config with every renamed `_target_` replaced by its new name."""
+    if isinstance(node, Mapping):
+        out = {key: upgrade_targets(value) for key, value in node.items()}
+        if isinstance(out.get("_target_"), str):
+            out["_target_"] = RENAMED_TARGETS.get(out["_target_"], out["_target_"])
+        return out
+    if isinstance(node, list | tuple):
+        return type(node)(upgrade_targets(value) for value in node)
+    return node
+
 
 def check_target(target: Any, where: str) -> None:
     """Refuse a `_target_` unless both its name and the object it resolves to lie in the allowlist.
@@ -69,10 +90,12 @@ def check_targets(node: Any, where: str = "config", key: str = "") -> None:
 def safe_instantiate(
     config: Mapping | DictConfig, where: str = "stored config", **kwargs: Any
 ) -> Any:
-    """Instantiate a config that came from a file (checkpoint), after checking every `_target_`."""
+    """Instantiate a config that came from a file (checkpoint): renamed `_target_`s are mapped to
+    their new names (`RENAMED_TARGETS`), then every `_target_` is checked."""
     plain = (
         OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
     )
+    plain = upgrade_targets(plain)
     check_targets(plain, where)
     return hydra.utils.instantiate(plain, **kwargs)
 

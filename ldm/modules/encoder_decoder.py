@@ -1,4 +1,7 @@
-"""Convolutional encoder/decoder of the stage-1 autoencoder (plain torch).
+"""Convolutional encoder/decoder networks of the stage-1 autoencoder (plain torch nn.Modules).
+
+The LightningModules that train them (KL / VQ autoencoders, losses, optimizers) are in
+`ldm.models.autoencoder`; the blocks are shared with the UNet (`ldm.modules.blocks`).
 
 Architecture of Esser et al. 2021 ("Taming Transformers", arXiv 2012.09841) as used by
 Rombach et al. 2022 (LDM, arXiv 2112.10752, Sec. 3.1 / App. G): ResNet blocks with GroupNorm
@@ -12,86 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.blocks import ConvAttentionBlock, Downsample, ResBlock, Upsample, group_norm
 
-def num_groups_for(channels: int, max_groups: int = 32, min_channels_per_group: int = 4) -> int:
-    """Number of GroupNorm groups for `channels`: the largest divisor of `channels` that is at most
-    `max_groups` and leaves at least `min_channels_per_group` channels per group (or 1 group), so
-    that narrow CPU-sized nets (e.g. 16 or 32 channels) still normalise over several channels."""
-    upper = max(1, min(max_groups, channels // min_channels_per_group))
-    for g in range(upper, 0, -1):
-        if channels % g == 0:
-            return g
-    return 1
-
-
-def normalization(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups_for(channels), channels, eps=1e-6, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    """Pre-activation residual block: (GroupNorm, SiLU, conv3x3) x 2 plus a 1x1 skip when the
-    channel count changes (He et al. 2016, as in the Taming/LDM autoencoders)."""
-
-    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
-        super().__init__()
-        out_channels = in_channels if out_channels is None else out_channels
-        self.norm1 = normalization(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = normalization(out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.skip = (
-            nn.Conv2d(in_channels, out_channels, 1)
-            if in_channels != out_channels
-            else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head spatial self-attention with a residual connection (Vaswani et al. 2017), over
-    all H*W positions, computed with `scaled_dot_product_attention`."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = normalization(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)  # 3 x (B, C, HW)
-        q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in (q, k, v))  # (B, 1, HW, C)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
-        out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
-        return x + self.proj_out(out)
-
-
-class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 conv; pad right/bottom only, as in Taming/LDM."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour interpolation then a 3x3 conv (avoids checkerboard
-    artefacts of transposed convs, Odena et al. 2016)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+# Taming/LDM autoencoders normalise with eps=1e-6 (PyTorch's default is 1e-5).
+EPS = 1e-6
 
 
 def _check_arch(ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int) -> tuple:
@@ -106,10 +33,10 @@ def _check_arch(ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels
 
 class _MidBlock(nn.Sequential):
     def __init__(self, channels: int, attention: bool, dropout: float):
-        layers = [ResnetBlock(channels, channels, dropout)]
+        layers = [ResBlock(channels, channels, dropout=dropout, eps=EPS)]
         if attention:
-            layers.append(AttnBlock(channels))
-        layers.append(ResnetBlock(channels, channels, dropout))
+            layers.append(ConvAttentionBlock(channels, eps=EPS))
+        layers.append(ResBlock(channels, channels, dropout=dropout, eps=EPS))
         super().__init__(*layers)
 
 
@@ -142,13 +69,13 @@ class Encoder(nn.Module):
         for level, mult in enumerate(ch_mult):
             c_out = ch * mult
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(c_in, c_out, dropout))
+                blocks.append(ResBlock(c_in, c_out, dropout=dropout, eps=EPS))
                 c_in = c_out
             if level != len(ch_mult) - 1:
-                blocks.append(Downsample(c_in))
+                blocks.append(Downsample(c_in, asymmetric_padding=True))
         self.down = nn.Sequential(*blocks)
         self.mid = _MidBlock(c_in, mid_attention, dropout)
-        self.norm_out = normalization(c_in)
+        self.norm_out = group_norm(c_in, eps=EPS)
         self.conv_out = nn.Conv2d(c_in, self.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,12 +112,12 @@ class Decoder(nn.Module):
         for level in reversed(range(len(ch_mult))):
             c_out = ch * ch_mult[level]
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(c_in, c_out, dropout))
+                blocks.append(ResBlock(c_in, c_out, dropout=dropout, eps=EPS))
                 c_in = c_out
             if level != 0:
                 blocks.append(Upsample(c_in))
         self.up = nn.Sequential(*blocks)
-        self.norm_out = normalization(c_in)
+        self.norm_out = group_norm(c_in, eps=EPS)
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
 
     @property

@@ -4,6 +4,7 @@ from ldm.diffusion.samplers import (
     DDIMSampler,
     DDPMSampler,
     DPMSolverSampler,
+    DPMSolverSDESampler,
     Sampler,
     build_sampler,
     guided_prediction,
@@ -14,6 +15,7 @@ from ldm.diffusion.schedules import NoiseSchedule, convert_prediction
 __all__ = [
     "DDIMSampler",
     "DDPMSampler",
+    "DPMSolverSDESampler",
     "DPMSolverSampler",
     "NoiseSchedule",
     "Sampler",

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from ldm.data import MNIST5k, TensorImageDataset
-from ldm.models.autoencoder import KLAutoencoder, VQAutoencoder
+from ldm.models.autoencoder import KLAutoencoder, VQAutoencoder, build_lr_scheduler
 from ldm.modules.blocks import num_groups_for
 from ldm.modules.discriminator import (
     NLayerDiscriminator,
@@ -212,8 +212,42 @@ def test_no_discriminator_means_one_optimizer():
     assert isinstance(model.configure_optimizers(), torch.optim.Optimizer)
 
 
+def shipped_lr_scheduler(name: str = "kl", warmup: int | None = None):
+    """The yaml's `lr_scheduler` as Hydra builds it; `warmup` changes the warm-up length."""
+    cfg = OmegaConf.load(CONF / f"{name}.yaml").lr_scheduler
+    if warmup is not None:
+        cfg.schedulers[0].start_factor, cfg.schedulers[0].total_iters = 1 / warmup, warmup - 1
+        cfg.milestones = [warmup]
+    return instantiate(cfg)
+
+
+def old_lr_factor(step: int, warmup: int, total: int) -> float:
+    """The LambdaLR factor stage 1 used before the scheduler moved to the yaml (issue 15)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("name", ["kl", "vq"])
+@pytest.mark.parametrize("total", [21, 100, 564])  # 564 = the default run's stage-1 batches
+def test_yaml_lr_scheduler_gives_the_old_warmup_cosine_lrs(name, total):
+    lr = OmegaConf.load(CONF / f"{name}.yaml").optimizer.lr
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = build_lr_scheduler(shipped_lr_scheduler(name), opt, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    # torch's schedulers update the lr recursively: equal to the closed form up to ~1e-13
+    assert lrs == pytest.approx([lr * old_lr_factor(s, 20, total) for s in range(total)], rel=1e-12)
+    with pytest.raises(ValueError, match="T_max=null"):
+        build_lr_scheduler(shipped_lr_scheduler(name), opt, math.inf)
+
+
 def test_cosine_lr_schedule_with_warmup(mnist, tmp_path):
-    model = make_kl(lr_schedule="cosine", warmup_steps=2)
+    model = make_kl(lr_scheduler=shipped_lr_scheduler(warmup=2))
     lrs = []
 
     class RecordLR(pl.Callback):
@@ -226,8 +260,6 @@ def test_cosine_lr_schedule_with_warmup(mnist, tmp_path):
     expected = [1e-3, 2e-3] + [1e-3 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert lrs == pytest.approx(expected)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
-    with pytest.raises(ValueError, match="lr_schedule='linear'"):
-        make_kl(lr_schedule="linear")
 
 
 def test_hinge_losses_and_adaptive_weight():
@@ -309,7 +341,7 @@ def test_checkpoint_round_trip_restores_identical_outputs(use_ema, mnist, tmp_pa
             1,
             discriminator=disc,
             disc_weight=0.1,
-            lr_schedule="cosine",
+            lr_scheduler=functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=None),
         )
 
     pl.seed_everything(0)
@@ -361,8 +393,8 @@ def test_yaml_configs_build_the_default_f4_models(name):
         and model.latent_channels == cfg.model.autoencoder.latent_channels
     )
     assert model.discriminator is None
-    assert model.hparams.lr_schedule == "cosine"  # that needs a trainer: check the optimizer alone
-    model.lr_schedule, model.warmup_steps = "constant", 0
+    assert model.lr_scheduler_factory.func is torch.optim.lr_scheduler.SequentialLR
+    model.lr_scheduler_factory = None  # the scheduler needs a trainer: check the optimizer alone
     opt = model.configure_optimizers()
     assert isinstance(opt, torch.optim.Optimizer)
     assert isinstance(opt.defaults["betas"], (list, tuple))  # not a ListConfig (weights_only)

@@ -1,5 +1,5 @@
 """Old checkpoints keep working: the fixture written by the code at 6fef1e3 loads bit for bit
-(renamed `_target_`s mapped through `RENAMED_TARGETS`) and computes what that code computed; the
+(its config upgraded by `upgrade_stored_config`) and computes what that code computed; the
 default networks are built exactly as before (same init, same state_dict keys)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from ldm.models.loading import load_latent_diffusion
 from ldm.utils.checkpoint import load_checkpoint
 from ldm.utils.errors import UserError
-from ldm.utils.instantiate import RENAMED_TARGETS, check_target, upgrade_targets
+from ldm.utils.instantiate import RENAMED_TARGETS, check_target, upgrade_stored_config
 from tests.conftest import ROOT, compose_config
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -76,11 +76,23 @@ def test_default_networks_are_built_as_before(reference, tmp_path):
     torch.testing.assert_close(recon, ref["recon"], rtol=0, atol=1e-5)
 
 
-def test_renamed_targets_are_mapped_everywhere_in_a_config():
+def test_stored_configs_are_upgraded_everywhere():
     old, new = next(iter(RENAMED_TARGETS.items()))
-    config = {"a": {"_target_": old, "b": [{"_target_": old}]}, "c": "x"}
-    assert upgrade_targets(config) == {"a": {"_target_": new, "b": [{"_target_": new}]}, "c": "x"}
-    assert config["a"]["_target_"] == old  # the input is left as it was
+    ae = "ldm.models.autoencoder.KLAutoencoder"
+    config = {
+        "a": {
+            "_target_": ae,
+            "lr_schedule": "cosine",
+            "warmup_steps": 20,
+            "b": [{"_target_": old}],
+        },
+        "c": {"lr_schedule": "kept: no target"},
+    }
+    assert upgrade_stored_config(config) == {
+        "a": {"_target_": ae, "b": [{"_target_": new}]},
+        "c": {"lr_schedule": "kept: no target"},
+    }
+    assert config["a"]["b"][0]["_target_"] == old and "lr_schedule" in config["a"]  # a copy
     for target in RENAMED_TARGETS.values():
         check_target(target, "test")  # every new name exists and passes the allowlist
     with pytest.raises(UserError, match="does not exist"):

@@ -14,6 +14,7 @@ Interface used by stage 2 (see the contract):
 """
 
 import abc
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
@@ -36,10 +37,52 @@ from ldm.modules.quantizer import VectorQuantizer, codebook_perplexity
 from ldm.utils.images import log_image_grid, to_display_range
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # a Hydra `_partial_` optimizer
+LRScheduler = torch.optim.lr_scheduler.LRScheduler
+SchedulerFactory = Callable[..., LRScheduler]  # a Hydra `_partial_` scheduler
 
 _REC_LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
-LR_SCHEDULES = ("constant", "cosine")
-_MODULE_ARGS = ["encoder", "decoder", "optimizer", "discriminator", "disc_optimizer", "quantizer"]
+_MODULE_ARGS = [
+    *("encoder", "decoder", "optimizer", "discriminator", "disc_optimizer", "quantizer"),
+    "lr_scheduler",
+]
+
+
+def build_lr_scheduler(
+    factory: SchedulerFactory, optimizer: torch.optim.Optimizer, total_steps: float
+) -> LRScheduler:
+    """`factory(optimizer)` for a Hydra `_partial_` scheduler, with two additions so a YAML file can
+    describe warm-up + cosine: a `SequentialLR`'s `schedulers` are `_partial_`s as well, built on
+    the same optimizer, and a `CosineAnnealingLR` with `T_max=None` decays to `eta_min` over the
+    steps left when it starts (`total_steps` minus its milestone)."""
+    if (
+        isinstance(factory, functools.partial)
+        and factory.func is torch.optim.lr_scheduler.SequentialLR
+    ):
+        starts = [0, *factory.keywords["milestones"]]
+        parts = [
+            _build_one(part, optimizer, total_steps - start)
+            for part, start in zip(factory.keywords["schedulers"], starts, strict=True)
+        ]
+        return factory(optimizer, schedulers=parts)
+    return _build_one(factory, optimizer, total_steps)
+
+
+def _build_one(
+    factory: SchedulerFactory, optimizer: torch.optim.Optimizer, steps_left: float
+) -> LRScheduler:
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR
+    if not (
+        isinstance(factory, functools.partial)
+        and factory.func is cosine
+        and factory.keywords.get("T_max") is None
+    ):
+        return factory(optimizer)
+    if not math.isfinite(steps_left):
+        raise ValueError(
+            "the lr scheduler's CosineAnnealingLR has T_max=null (decay over the rest of "
+            "training), which needs a finite trainer.max_epochs or max_steps"
+        )
+    return factory(optimizer, T_max=max(1, int(steps_left)))
 
 
 class AutoencodeOutput(NamedTuple):
@@ -65,9 +108,10 @@ class Autoencoder(pl.LightningModule, abc.ABC):
             not in `global_step`, which under manual optimization counts both optimizers).
         grad_clip: max gradient norm per optimizer step, or None (Trainer.gradient_clip_val is
             not available under manual optimization).
-        lr_schedule: "constant" or "cosine" (half-cosine decay to 0 over
-            `trainer.estimated_stepping_batches`, Loshchilov & Hutter 2017), after a linear
-            warm-up of `warmup_steps` batches; applied to every optimizer.
+        lr_scheduler: `_partial_` torch scheduler (see `build_lr_scheduler`), one per optimizer,
+            stepped after each of its optimizer's steps (manual optimization: Lightning does not
+            step them); None: constant lr. The yaml's default: linear warm-up, then a half cosine
+            to 0 over `trainer.estimated_stepping_batches` (Loshchilov & Hutter 2017).
         num_log_images: inputs/reconstructions shown in the validation grid.
     """
 
@@ -84,17 +128,12 @@ class Autoencoder(pl.LightningModule, abc.ABC):
         disc_weight: float = 0.0,
         disc_start: int = 0,
         grad_clip: float | None = None,
-        lr_schedule: str = "constant",
-        warmup_steps: int = 0,
+        lr_scheduler: SchedulerFactory | None = None,
         num_log_images: int = 8,
     ):
         super().__init__()
         if rec_loss not in _REC_LOSSES:
             raise ValueError(f"rec_loss={rec_loss!r} is not one of {sorted(_REC_LOSSES)}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={lr_schedule!r} is not one of {list(LR_SCHEDULES)}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
         if encoder.in_channels != image_channels or decoder.out_channels != image_channels:
             raise ValueError(
                 f"image_channels={image_channels} but encoder.in_channels={encoder.in_channels}, "
@@ -123,8 +162,7 @@ class Autoencoder(pl.LightningModule, abc.ABC):
         self.disc_weight = disc_weight
         self.disc_start = disc_start
         self.grad_clip = grad_clip
-        self.lr_schedule = lr_schedule
-        self.warmup_steps = warmup_steps
+        self.lr_scheduler_factory = lr_scheduler
         self.num_log_images = num_log_images
         # 1/std of the latents; set at the end of every validation epoch (before ModelCheckpoint
         # saves) or by `compute_scale_factor`. Persistent, so checkpoints carry it.
@@ -155,26 +193,11 @@ class Autoencoder(pl.LightningModule, abc.ABC):
         opts = [self.optimizer_factory(params=self.ae_parameters())]
         if self.discriminator is not None:
             opts.append(self.disc_optimizer_factory(params=self.discriminator.parameters()))
-        if self.lr_schedule == "constant" and self.warmup_steps == 0:
+        if self.lr_scheduler_factory is None:
             return opts[0] if len(opts) == 1 else opts
-        total = self.trainer.estimated_stepping_batches
-        if self.lr_schedule == "cosine" and not math.isfinite(total):
-            raise ValueError(
-                "lr_schedule='cosine' needs a finite trainer.max_epochs or max_steps; "
-                "use lr_schedule=constant"
-            )
-        total = max(1, int(total)) if math.isfinite(total) else 1
-        warmup, cosine = self.warmup_steps, self.lr_schedule == "cosine"
-
-        def lr_factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if not cosine:
-                return 1.0
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        return opts, [torch.optim.lr_scheduler.LambdaLR(opt, lr_factor) for opt in opts]
+        total = self.trainer.estimated_stepping_batches  # training batches (inf without a budget)
+        total = max(1, int(total)) if math.isfinite(total) else total
+        return opts, [build_lr_scheduler(self.lr_scheduler_factory, opt, total) for opt in opts]
 
     def _schedulers(self) -> list:
         scheds = self.lr_schedulers()

@@ -22,25 +22,37 @@ log = logging.getLogger(__name__)
 # Configs read back from checkpoints may only build objects from these namespaces.
 SAFE_TARGET_PREFIXES = ("ldm.", "torch.optim.", "torch.nn.")
 
-# Classes that moved since checkpoints were written: old `_target_` -> new. A checkpoint stores its
-# config with the `_target_`s of its day; `safe_instantiate` maps them through this table, so old
-# checkpoints keep loading. Add a line whenever a class a config names is moved or renamed.
+# Stored configs are upgraded before they are checked and built, so old checkpoints keep loading:
+# a checkpoint stores its config with the `_target_`s and arguments of its day. Add a line here
+# whenever a class a config names is moved or renamed, or loses an argument.
+
+# Classes that moved: old `_target_` -> new.
 RENAMED_TARGETS = {
     # ldm/modules/autoencoder.py became ldm/modules/encoder_decoder.py (issue 15)
     "ldm.modules.autoencoder.Encoder": "ldm.modules.encoder_decoder.Encoder",
     "ldm.modules.autoencoder.Decoder": "ldm.modules.encoder_decoder.Decoder",
 }
+# Arguments a class no longer takes (training-only settings, no effect on a loaded model): dropped.
+REMOVED_ARGUMENTS = {
+    # lr_schedule/warmup_steps became the `lr_scheduler` config (issue 15)
+    "ldm.models.autoencoder.KLAutoencoder": ("lr_schedule", "warmup_steps"),
+    "ldm.models.autoencoder.VQAutoencoder": ("lr_schedule", "warmup_steps"),
+}
 
 
-def upgrade_targets(node: Any) -> Any:
-    """A copy of a plain (stored) config with every renamed `_target_` replaced by its new name."""
+def upgrade_stored_config(node: Any) -> Any:
+    """A copy of a plain (stored) config with renamed `_target_`s replaced by their new names and
+    removed arguments dropped (`RENAMED_TARGETS`, `REMOVED_ARGUMENTS`)."""
     if isinstance(node, Mapping):
-        out = {key: upgrade_targets(value) for key, value in node.items()}
-        if isinstance(out.get("_target_"), str):
-            out["_target_"] = RENAMED_TARGETS.get(out["_target_"], out["_target_"])
+        out = {key: upgrade_stored_config(value) for key, value in node.items()}
+        target = out.get("_target_")
+        if isinstance(target, str):
+            target = out["_target_"] = RENAMED_TARGETS.get(target, target)
+            for key in REMOVED_ARGUMENTS.get(target, ()):
+                out.pop(key, None)
         return out
     if isinstance(node, list | tuple):
-        return type(node)(upgrade_targets(value) for value in node)
+        return type(node)(upgrade_stored_config(value) for value in node)
     return node
 
 
@@ -90,12 +102,12 @@ def check_targets(node: Any, where: str = "config", key: str = "") -> None:
 def safe_instantiate(
     config: Mapping | DictConfig, where: str = "stored config", **kwargs: Any
 ) -> Any:
-    """Instantiate a config that came from a file (checkpoint): renamed `_target_`s are mapped to
-    their new names (`RENAMED_TARGETS`), then every `_target_` is checked."""
+    """Instantiate a config that came from a file (checkpoint): upgraded to today's names
+    (`upgrade_stored_config`), then every `_target_` checked."""
     plain = (
         OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
     )
-    plain = upgrade_targets(plain)
+    plain = upgrade_stored_config(plain)
     check_targets(plain, where)
     return hydra.utils.instantiate(plain, **kwargs)
 

@@ -158,7 +158,12 @@ def timed(
     repeats: int = 1,
     clock_name: str = "wall",
 ) -> float:
-    """Seconds per call of `fn` on `clock_name`, averaged over `repeats` back-to-back calls."""
+    """Seconds per call of `fn` on `clock_name`, averaged over `repeats` back-to-back calls.
+
+    Not `torch.utils.benchmark.Timer.timeit`, which times the same synchronised loop but first
+    runs max(repeats // 100, 2) untimed warm-up calls on every measurement (its autorange methods
+    add block-sizing calls): the benches time one multi-second step per ABBA round, so that would
+    triple their run time. They warm up once, before the rounds, instead."""
     now = clock(clock_name)
     synchronize(device)
     start = now()

@@ -9,7 +9,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ldm.utils.cli import check_group_overrides, exit_on_user_error, open_section_overrides
+from ldm.utils.cli import (
+    check_group_overrides,
+    check_renamed_keys,
+    exit_on_user_error,
+    null_group_overrides,
+)
 from ldm.utils.errors import UserError
 from ldm.utils.launch import launch_overrides
 
@@ -56,8 +61,9 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     try:
         check_group_overrides(sys.argv[1:], CONF_DIR)
+        check_renamed_keys(sys.argv[1:])
     except UserError as err:
         exit_on_user_error(err)
-    sys.argv[1:] = open_section_overrides(sys.argv[1:])
+    sys.argv[1:] = null_group_overrides(sys.argv[1:], CONF_DIR)
     sys.argv += launch_overrides(sys.argv[1:], os.environ)
     main()

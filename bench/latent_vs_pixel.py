@@ -94,7 +94,7 @@ def get_autoencoder(args: Any, workdir: Path) -> tuple[Path, float | None]:
         "callbacks.common.progress_bar=null",
         "trainer.enable_progress_bar=false",
         f"data.batch_size={args.batch_size}",
-        f"stage_trainer.autoencoder.max_epochs={args.ae_epochs}",
+        f"autoencoder.trainer.max_epochs={args.ae_epochs}",
         f"seed={args.seed}",
     ]
     if args.quick:  # a small stage 1 on part of an epoch: enough to verify the pipeline

@@ -64,12 +64,12 @@ def train_checkpoint(args: Any, workdir: Path) -> tuple[Path, float | None]:
             "schedule.num_timesteps=1000",
             "schedule.beta_end=0.02",
             "trainer.limit_train_batches=30",
-            "stage_trainer.diffusion.max_epochs=2",
+            "diffusion.trainer.max_epochs=2",
         ]
     else:  # EMA off: with decay 0.999 a few hundred steps would average mostly the first ones
         overrides += [
-            "stage_trainer.autoencoder.max_epochs=2",
-            "stage_trainer.diffusion.max_epochs=8",
+            "autoencoder.trainer.max_epochs=2",
+            "diffusion.trainer.max_epochs=8",
             "callbacks.diffusion.ema=null",
         ]
     cfg, seconds = train_with_project(overrides, workdir)

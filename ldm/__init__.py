@@ -1,0 +1,5 @@
+"""ldm: latent diffusion (stage 1 autoencoder, stage 2 latent UNet), Lightning + Hydra."""
+
+# The resolvers conf/ interpolates with (`${ifnull:...}`, `${epoch_budget:...}`) exist as soon as
+# anything of ldm is imported: train.py, sample.py, tests composing configs, reruns from .hydra/.
+from ldm import config as _config  # noqa: F401

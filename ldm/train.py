@@ -26,18 +26,26 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from ldm.callbacks.checkpoint_config import StoreConfigInCheckpoint
 from ldm.callbacks.resume import ExactResume, PreemptionCheckpoint
+from ldm.config import STAGES, stage_section
+from ldm.data.latent_cache import latent_cache_datamodule
 from ldm.models.loading import autoencoder_from_checkpoint, load_autoencoder
 from ldm.utils.checkpoint import load_checkpoint
-from ldm.utils.errors import UserError
+from ldm.utils.errors import UserError, config_errors
 from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from ldm.utils.launch import external_launcher
 from ldm.utils.manifest import write_run_files
-from ldm.utils.validation import check_writable, validate_config
+from ldm.utils.validation import (
+    check_trainer_arguments,
+    check_writable,
+    validate_config,
+    with_stage1_autoencoder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +160,13 @@ def fit_stage(
     after the preemption checkpoint is saved.
     """
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    trainer_cfg = OmegaConf.merge(
-        OmegaConf.to_container(cfg.trainer, resolve=True), cfg.stage_trainer.get(stage) or {}
-    )
+    trainer_cfg = stage_section(cfg, stage, "trainer")
     auto_requeue = bool(trainer_cfg.pop("auto_requeue", False))
-    callbacks = instantiate_callbacks(cfg.callbacks.get("common"))
-    callbacks += instantiate_callbacks(cfg.callbacks.get(stage))
+    callbacks = stage_callbacks(cfg, stage)
+    if not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
+        # Lightning would add its own into the run dir, shared by both stages (`-v1` names); the
+        # final weights are saved below instead.
+        trainer_cfg["enable_checkpointing"] = False
     callbacks.append(StoreConfigInCheckpoint(stage, resolved))
     callbacks.append(ExactResume())
     preemption = PreemptionCheckpoint(stage_checkpoint_dir(cfg, stage), requeue=auto_requeue)
@@ -281,68 +290,118 @@ def metric_value(results: dict[str, dict[str, Any]], name: str | None) -> float 
 
 
 def stage_datamodule(cfg: DictConfig, stage: str) -> pl.LightningDataModule:
-    """The data module of one stage: `data` with `stage_data.<stage>` merged over it, so each
-    stage can have its own batch size (stage 1 learns faster from more, smaller batches)."""
-    overrides = OmegaConf.select(cfg, f"stage_data.{stage}", default=None)
-    return hydra.utils.instantiate(
-        cfg.data, **(OmegaConf.to_container(overrides, resolve=True) if overrides else {})
+    """The data module of one stage: `data` refined by `<stage>.data` (e.g. its batch size)."""
+    return hydra.utils.instantiate(stage_section(cfg, stage, "data"))
+
+
+def stage_callbacks(cfg: DictConfig, stage: str) -> list[pl.Callback]:
+    """`callbacks.common` and `callbacks.<stage>` (`callbacks=null` leaves none)."""
+    callbacks_cfg = cfg.get("callbacks") or {}
+    return instantiate_callbacks(callbacks_cfg.get("common")) + instantiate_callbacks(
+        callbacks_cfg.get(stage)
     )
+
+
+def build_diffusion_model(cfg: DictConfig, autoencoder: torch.nn.Module) -> pl.LightningModule:
+    """The stage-2 LightningModule of `model.diffusion` around a (frozen) autoencoder."""
+    diffusion_cfg = OmegaConf.to_container(cfg.model.diffusion, resolve=True)
+    module_cfg = {k: v for k, v in diffusion_cfg.items() if k not in DIFFUSION_RUN_KEYS}
+    return hydra.utils.instantiate(module_cfg, autoencoder=autoencoder)
+
+
+def stages_to_train(cfg: DictConfig) -> tuple[str, ...]:
+    return STAGES if cfg.stage == "all" else (cfg.stage,)
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Every check either stage can fail, made before anything trains: the config itself
+    (`validate_config`), the launch, the dirs, and a dry build, with untrained weights, of what
+    each stage builds: its data module, Trainer arguments and callbacks, and stage 2's model and
+    samplers (for stage=diffusion around the architecture stored in autoencoder_ckpt)."""
+    validate_config(cfg)
+    check_multirun_launch(cfg)
+    check_writable(cfg.paths.output_dir)
+    check_writable(cfg.paths.cache_dir, what="cache dir (paths.cache_dir)")
+    for stage in stages_to_train(cfg):
+        with config_errors(f"{stage} stage"):
+            stage_datamodule(cfg, stage)
+            check_trainer_arguments(stage_section(cfg, stage, "trainer"), stage)
+            stage_callbacks(cfg, stage)
+    if "diffusion" in stages_to_train(cfg):
+        effective = with_stage1_autoencoder(cfg) if cfg.stage == "diffusion" else cfg
+        with config_errors("model"):
+            model = build_diffusion_model(
+                effective, hydra.utils.instantiate(effective.model.autoencoder)
+            )
+            model.build_sampler()
+            if OmegaConf.select(cfg, "fid.sampler_steps") is not None:
+                model.build_sampler(steps=cfg.fid.sampler_steps)
+
+
+def train_autoencoder(
+    cfg: DictConfig, group: str, manifest: dict[str, Any] | None, ckpt_path: str | None
+) -> dict[str, Any]:
+    autoencoder = hydra.utils.instantiate(cfg.model.autoencoder)
+    datamodule = stage_datamodule(cfg, "autoencoder")
+    return fit_stage("autoencoder", cfg, autoencoder, datamodule, group, manifest, ckpt_path)
+
+
+def train_diffusion(
+    cfg: DictConfig,
+    datamodule: pl.LightningDataModule,
+    autoencoder_ckpt: str | None,
+    group: str,
+    manifest: dict[str, Any] | None,
+    ckpt_path: str | None,
+) -> tuple[dict[str, Any], Path | None]:
+    """Stage 2 on the frozen autoencoder of `autoencoder_ckpt`, or without one (stage=all resuming
+    stage 2) on the autoencoder that the stage-2 checkpoint `ckpt_path` carries; returns its
+    results and the final sample grid."""
+    if autoencoder_ckpt:
+        autoencoder, ae_config = load_autoencoder(autoencoder_ckpt)
+    else:
+        autoencoder_ckpt = ckpt_path
+        autoencoder, ae_config = autoencoder_from_diffusion_checkpoint(ckpt_path)
+    use_autoencoder_config(cfg, ae_config)
+    model = build_diffusion_model(cfg, autoencoder)
+    stage_data = datamodule
+    if cfg.model.diffusion.get("latent_cache"):
+        cache_dir = Path(cfg.paths.cache_dir) / "latents"
+        stage_data = latent_cache_datamodule(autoencoder, autoencoder_ckpt, datamodule, cache_dir)
+    result = fit_stage("diffusion", cfg, model, stage_data, group, manifest, ckpt_path)
+    return result, save_final_grid(model, datamodule, cfg)
 
 
 def run(cfg: DictConfig) -> float | None:
     """Train the stages `cfg.stage` names; returns `cfg.optimized_metric` (for sweeps)."""
-    validate_config(cfg)
-    check_multirun_launch(cfg)
-    output_dir = check_writable(cfg.paths.output_dir)
+    preflight(cfg)
+    output_dir = Path(cfg.paths.output_dir)
     resume = resume_checkpoints(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = stage_datamodule(cfg, "diffusion")
-    manifest = (
-        write_run_files(output_dir, cfg, datamodule.fingerprint())
-        if rank_zero_only.rank == 0
-        else None
-    )
-    # One W&B group for both stages of a run and for all jobs of a sweep.
-    group = f"{cfg.task_name}-{(sweep_dir() or output_dir).name}"
+    manifest = None
+    if rank_zero_only.rank == 0:
+        manifest = write_run_files(output_dir, cfg, datamodule.fingerprint())
+    group = f"{cfg.task_name}-{(sweep_dir() or output_dir).name}"  # both stages, all sweep jobs
 
     results: dict[str, dict[str, Any]] = {}
     grid = None
     try:
         autoencoder_ckpt = cfg.get("autoencoder_ckpt")
         if cfg.stage == "autoencoder" or (cfg.stage == "all" and "diffusion" not in resume):
-            autoencoder = hydra.utils.instantiate(cfg.model.autoencoder)
-            results["autoencoder"] = fit_stage(
-                "autoencoder",
-                cfg,
-                autoencoder,
-                stage_datamodule(cfg, "autoencoder"),
-                group,
-                manifest,
-                resume.get("autoencoder"),
+            results["autoencoder"] = train_autoencoder(
+                cfg, group, manifest, resume.get("autoencoder")
             )
             autoencoder_ckpt = results["autoencoder"]["best_checkpoint"]
         if cfg.stage in ("all", "diffusion"):
-            if autoencoder_ckpt:
-                autoencoder, ae_config = load_autoencoder(autoencoder_ckpt)
-            else:  # stage=all resuming stage 2: the stage-2 checkpoint carries the autoencoder
-                autoencoder_ckpt = resume["diffusion"]
-                autoencoder, ae_config = autoencoder_from_diffusion_checkpoint(autoencoder_ckpt)
-            use_autoencoder_config(cfg, ae_config)
-            diffusion_cfg = OmegaConf.to_container(cfg.model.diffusion, resolve=True)
-            module_cfg = {k: v for k, v in diffusion_cfg.items() if k not in DIFFUSION_RUN_KEYS}
-            model = hydra.utils.instantiate(module_cfg, autoencoder=autoencoder)
-            stage_data = datamodule
-            if cfg.model.diffusion.get("latent_cache"):
-                from ldm.data.latent_cache import latent_cache_datamodule
-
-                cache_dir = Path(cfg.paths.cache_dir) / "latents"
-                stage_data = latent_cache_datamodule(
-                    autoencoder, autoencoder_ckpt, datamodule, cache_dir
-                )
-            results["diffusion"] = fit_stage(
-                "diffusion", cfg, model, stage_data, group, manifest, resume.get("diffusion")
+            results["diffusion"], grid = train_diffusion(
+                cfg,
+                datamodule,
+                autoencoder_ckpt,
+                group,
+                manifest,
+                resume.get("diffusion"),
             )
-            grid = save_final_grid(model, datamodule, cfg)
         print_summary(results, grid)
         return metric_value(results, cfg.get("optimized_metric"))
     finally:

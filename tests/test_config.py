@@ -9,16 +9,20 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
+from ldm.train import stage_datamodule
 from ldm.utils.cli import group_options
 from tests.conftest import CONF_DIR, ROOT, compose_config
 
-# Options that need files the tests do not have; they are composed but only checked, not built.
-NEEDS_FILES = {
-    ("data", "image_folder"),
-    ("data", "latents"),
-    ("data", "mnist"),
-    ("data", "fashion_mnist"),
-    ("data", "cifar10"),
+# What each data option is for: its source class, image size, channels and classes. Options whose
+# files the tests do not have are built (constructors read no files) but not set up.
+DATA_OPTIONS = {
+    "mnist5k": ("MNIST5k", 32, 1, 10, True),
+    "digits": ("SklearnDigits", 32, 1, 10, True),
+    "mnist": ("TorchvisionSource", 32, 1, 10, False),
+    "fashion_mnist": ("TorchvisionSource", 32, 1, 10, False),
+    "cifar10": ("TorchvisionSource", 32, 3, 10, False),
+    "image_folder": ("ImageFolder", 64, 3, None, False),
+    "latents": ("LatentTensors", 32, 1, 10, False),
 }
 
 
@@ -27,24 +31,31 @@ def test_default_config_values(tmp_path):
     assert cfg.stage == "all" and cfg.data.name == "mnist5k" and cfg.data.num_classes == 10
     assert OmegaConf.select(cfg, "model.autoencoder._target_").startswith("ldm.models.autoencoder.")
     assert cfg.model.diffusion._target_ == "ldm.models.latent_diffusion.LatentDiffusion"
-    assert set(cfg.stage_trainer) == {"autoencoder", "diffusion"}
+    assert set(cfg.autoencoder) == set(cfg.diffusion) == {"trainer", "data"}
+
+
+def test_every_data_option_is_listed():
+    assert sorted(DATA_OPTIONS) == group_options(CONF_DIR, "data")
 
 
 @pytest.mark.parametrize("option", group_options(CONF_DIR, "data"))
 def test_data_options_compose_and_instantiate(option, tmp_path):
-    cfg = compose_config([f"data={option}"], tmp_path)
+    source_class, size, channels, classes, has_files = DATA_OPTIONS[option]
+    extra = {"image_folder": ["data.root=/nonexistent"], "latents": ["data.source.path=/x.pt"]}
+    cfg = compose_config([f"data={option}", *extra.get(option, [])], tmp_path)
     OmegaConf.resolve(cfg.paths)
-    if ("data", option) in NEEDS_FILES:
-        assert cfg.data._target_ == "ldm.data.ImageDataModule"
+    dm = stage_datamodule(cfg, "diffusion")
+    assert type(dm.source).__name__ == source_class
+    assert (dm.image_size, dm.num_channels, dm.num_classes) == (size, channels, classes)
+    if option in ("mnist", "fashion_mnist", "cifar10"):
+        assert dm.source.name == option
+    if not has_files:
         return
-    dm = hydra.utils.instantiate(cfg.data)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape[1:] == (
-        cfg.data.num_channels,
-        cfg.data.image_size,
-        cfg.data.image_size,
-    )
+    assert batch["image"].shape == (dm.batch_size, channels, size, size)
+    assert batch["label"].min() >= 0 and batch["label"].max() < classes
+    assert -1.0 <= batch["image"].min() < batch["image"].max() <= 1.0
 
 
 @pytest.mark.parametrize(
@@ -62,10 +73,15 @@ def test_data_options_compose_and_instantiate(option, tmp_path):
     ],
 )
 def test_group_options_compose(group, tmp_path):
+    composed = []
     for option in group_options(CONF_DIR, group):
         cfg = compose_config([f"{group}={option}", "data=mnist5k"], tmp_path)
-        # Every interpolation must resolve (no dangling keys) in each option.
-        OmegaConf.to_container(cfg, resolve=True)
+        # Every interpolation must resolve (no dangling keys) in each option ...
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        composed.append(resolved)
+    # ... and each option changes the config (none is an empty or duplicate file).
+    distinct = {OmegaConf.to_yaml(OmegaConf.create(c)) for c in composed}
+    assert len(distinct) == len(composed), group
 
 
 @pytest.mark.parametrize("option", group_options(CONF_DIR, "schedule"))

@@ -11,7 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.utils.cli import group_options, open_section_overrides
+from ldm.config import stage_section
+from ldm.train import preflight
+from ldm.utils.cli import group_options
 from ldm.utils.errors import UserError
 from ldm.utils.validation import validate_config
 from tests.conftest import CONF_DIR, ROOT, compose_config
@@ -57,7 +59,14 @@ def stage1_checkpoint(tmp_path, stored: dict, edits: dict, stage: str = "autoenc
     ],
 )
 def test_shipped_configs_pass(tmp_path, overrides):
-    validate_config(compose_config(overrides, tmp_path))
+    """Each shipped config passes the whole preflight (config checks and the dry build of both
+    stages) and gives each stage a real budget and batch."""
+    cfg = compose_config(overrides, tmp_path)
+    preflight(cfg)
+    for stage in ("autoencoder", "diffusion"):
+        trainer = stage_section(cfg, stage, "trainer")
+        assert trainer["max_epochs"] >= 1 and trainer["max_steps"] == -1, stage
+        assert stage_section(cfg, stage, "data")["batch_size"] >= 1, stage
 
 
 def test_unknown_group_option_exits_2_with_one_line():
@@ -75,38 +84,22 @@ def test_unknown_group_option_exits_2_with_one_line():
     )
 
 
-def test_per_stage_keys_can_be_added_without_a_plus():
-    """`stage_trainer.<stage>` / `stage_data.<stage>` hold only what differs per stage; setting a
-    key they do not list yet must work as typed (Hydra alone says "not in struct")."""
-    assert open_section_overrides(
-        [
-            "stage_data.diffusion.batch_size=64",
-            "++stage_trainer.diffusion.max_epochs=2",
-            "data.batch_size=8",
-        ]
-    ) == [
-        "++stage_data.diffusion.batch_size=64",
-        "++stage_trainer.diffusion.max_epochs=2",
-        "data.batch_size=8",
-    ]
-    run = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "stage_data.diffusion.batch_size=64",
-            "stage_trainer.diffusion.gradient_clip_val=0.5",
-            "--cfg",
-            "job",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert run.returncode == 0, run.stderr
-    cfg = OmegaConf.create(run.stdout)
-    assert cfg.stage_data.diffusion.batch_size == 64
-    assert cfg.stage_trainer.diffusion == {"max_epochs": 25, "gradient_clip_val": 0.5}
+def test_old_per_stage_spelling_names_the_new_key():
+    """`stage_trainer.*` / `stage_data.*` were renamed; Hydra alone would say "not in struct" and
+    advise a `+`, which would add a key nothing reads."""
+    for typed, new in [
+        ("stage_trainer.diffusion.max_epochs=2", "diffusion.trainer.max_epochs"),
+        ("+stage_data.autoencoder.batch_size=8", "autoencoder.data.batch_size"),
+    ]:
+        run = subprocess.run(
+            [sys.executable, "train.py", typed, "--cfg", "job"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert run.returncode == 2
+        assert run.stderr == f"error: {typed.split('=')[0].lstrip('+')} was renamed: use {new}\n"
 
 
 @pytest.mark.parametrize(
@@ -157,10 +150,10 @@ def test_per_stage_keys_can_be_added_without_a_plus():
             "ckpt_path='/no/such.ckpt' does not exist; give a checkpoint file, `last`, or null",
         ),
         (
-            ["trainer.gradient_clip_val=1.0"],
-            "trainer.gradient_clip_val=1.0 does not apply to the autoencoder "
-            "(it steps its own optimizers); set model.autoencoder.grad_clip=1.0 "
-            "and stage_trainer.diffusion.gradient_clip_val=1.0 instead",
+            ["autoencoder.trainer.gradient_clip_val=1.0"],
+            "autoencoder.trainer.gradient_clip_val=1.0 does not apply to the autoencoder "
+            "(it steps its own optimizers); set model.autoencoder.grad_clip=1.0 instead "
+            "(trainer.gradient_clip_val sets both stages)",
         ),
         (
             ["data=image_folder", "data.root=/tmp", "data.source.mode=L"],

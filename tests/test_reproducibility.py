@@ -43,8 +43,8 @@ from tests.train_cli import (
 RESUME = [
     *FAST,
     "stage=all",
-    "stage_trainer.autoencoder.max_epochs=2",
-    "stage_trainer.diffusion.max_epochs=2",
+    "autoencoder.trainer.max_epochs=2",
+    "diffusion.trainer.max_epochs=2",
     "callbacks.autoencoder.model_checkpoint.monitor=null",
     "callbacks.diffusion.model_checkpoint.monitor=null",
     "+callbacks.autoencoder.model_checkpoint.every_n_train_steps=1",
@@ -79,7 +79,7 @@ def test_same_seed_same_weights_and_losses_other_seed_differs(tmp_path):
     runs = {}
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
         cfg, _ = train_in_process(
-            ["stage=autoencoder", "stage_trainer.autoencoder.max_epochs=2", f"seed={seed}"],
+            ["stage=autoencoder", "autoencoder.trainer.max_epochs=2", f"seed={seed}"],
             tmp_path / name,
         )
         runs[name] = Path(cfg.paths.output_dir)

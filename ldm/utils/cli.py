@@ -43,15 +43,43 @@ def check_group_overrides(argv: list[str], conf_dir: Path) -> None:
                 )
 
 
-# Per-stage sections hold only the keys that differ from `trainer` / `data`; any Trainer or data
-# argument may be added there, so their overrides are add-or-set (`++`) without the user typing it.
-OPEN_SECTIONS = ("stage_trainer.", "stage_data.")
+# Spellings of earlier versions, answered with the key to use instead of Hydra's "not in struct"
+# (whose advice, a `+`, would add a key nothing reads).
+RENAMED_PREFIXES = {
+    "stage_trainer.autoencoder.": "autoencoder.trainer.",
+    "stage_trainer.diffusion.": "diffusion.trainer.",
+    "stage_data.autoencoder.": "autoencoder.data.",
+    "stage_data.diffusion.": "diffusion.data.",
+}
 
 
-def open_section_overrides(argv: list[str]) -> list[str]:
-    """`stage_data.diffusion.batch_size=64` -> `++stage_data.diffusion.batch_size=64` (plain
-    Hydra refuses keys that are not yet in the config: "Key 'batch_size' is not in struct")."""
-    return [f"++{arg}" if arg.startswith(OPEN_SECTIONS) and "=" in arg else arg for arg in argv]
+def check_renamed_keys(argv: list[str]) -> None:
+    for arg in argv:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        for old, new in RENAMED_PREFIXES.items():
+            if key.startswith(old):
+                raise UserError(f"{key} was renamed: use {new}{key[len(old) :]}")
+        if key in ("stage_trainer", "stage_data") or key.startswith(
+            ("stage_trainer.", "stage_data.")
+        ):
+            raise UserError(
+                f"{key} was renamed: per-stage settings are autoencoder.trainer.*, "
+                "autoencoder.data.*, diffusion.trainer.*, diffusion.data.*"
+            )
+
+
+def null_group_overrides(argv: list[str], conf_dir: Path) -> list[str]:
+    """`logger=null` -> `~logger`. Hydra 1.3 drops a config group's default only as `~GROUP`;
+    `GROUP=null` (the spelling Lightning-Hydra users type, and ours in the README) is a Hydra error
+    ("Config group override must be a string"). Only whole-group, non-sweep overrides change."""
+    out = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        group = key.lstrip("+")
+        if value == "null" and not key.startswith("~") and (conf_dir / group).is_dir():
+            arg = f"~{group}"
+        out.append(arg)
+    return out
 
 
 def exit_on_user_error(err: UserError) -> None:

@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.config import stage_section
 from ldm.utils.errors import UserError
 from ldm.utils.rundir import claim_dir, first_process
 
@@ -50,6 +51,7 @@ def validate_config(cfg: DictConfig) -> None:
         check_autoencoder_stage_trainer(cfg)
     if cfg.stage in ("all", "diffusion"):
         check_unet(cfg, autoencoder)
+        check_fid(cfg)
 
 
 def find_missing(node: Any, prefix: str = "") -> list[str]:
@@ -149,18 +151,44 @@ def check_downsampling(image_size: int, autoencoder: dict[str, Any]) -> None:
 
 
 def check_autoencoder_stage_trainer(cfg: DictConfig) -> None:
-    """Lightning rejects trainer.gradient_clip_val for manual optimization (the autoencoder's GAN
-    steps) only when stage 1 starts; say so up front and name the setting that does apply."""
-    clip = OmegaConf.select(
-        cfg,
-        "stage_trainer.autoencoder.gradient_clip_val",
-        default=cfg.trainer.get("gradient_clip_val"),
-    )
+    """Lightning rejects gradient_clip_val for manual optimization (the autoencoder's GAN steps)
+    only when stage 1 starts; say so up front and name the setting that does apply."""
+    clip = stage_section(cfg, "autoencoder", "trainer").get("gradient_clip_val")
     if clip:
         raise UserError(
-            f"trainer.gradient_clip_val={clip} does not apply to the autoencoder (it steps its own "
-            f"optimizers); set model.autoencoder.grad_clip={clip} and "
-            f"stage_trainer.diffusion.gradient_clip_val={clip} instead"
+            f"autoencoder.trainer.gradient_clip_val={clip} does not apply to the autoencoder (it "
+            f"steps its own optimizers); set model.autoencoder.grad_clip={clip} instead "
+            "(trainer.gradient_clip_val sets both stages)"
+        )
+
+
+def check_trainer_arguments(trainer_cfg: dict[str, Any], stage: str) -> None:
+    """Every key of a stage's merged trainer config is a Trainer argument (or ours: auto_requeue)."""
+    import inspect
+
+    from pytorch_lightning import Trainer
+
+    accepted = set(inspect.signature(Trainer.__init__).parameters) | {"_target_", "auto_requeue"}
+    for key in trainer_cfg:
+        if key not in accepted:
+            raise UserError(
+                f"{stage}.trainer.{key} (or trainer.{key}) is not an argument of "
+                "pytorch_lightning.Trainer; check the spelling"
+            )
+
+
+def check_fid(cfg: DictConfig) -> None:
+    """The FID callback of stage 2 can run with the data and extractor chosen."""
+    fid_cb = OmegaConf.select(cfg, "callbacks.diffusion.fid")
+    every = OmegaConf.select(cfg, "fid.every_n_epochs", default=0)
+    extractor = OmegaConf.select(cfg, "fid.extractor")
+    if fid_cb is None or not every:
+        return
+    if extractor == "classifier" and cfg.data.get("num_classes") is None:
+        raise UserError(
+            f"fid.extractor=classifier needs labeled data, but data.name={cfg.data.get('name')} has "
+            "no labels (data.num_classes=null); use fid=inception fid.inception_weights=PATH, or "
+            "fid.every_n_epochs=0 to turn FID off"
         )
 
 

@@ -37,6 +37,9 @@ if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ on the path, no
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# the benches' tables are ldm's (re-exported for `from common import format_table`)
+from ldm.utils.tables import format_table as format_table  # noqa: E402
+
 
 # ---------------------------------------------------------------------------- command line
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -492,11 +495,6 @@ class FIDScorer:
         return self(images[:n], labels[:n] if labels is not None else None)
 
 
-def even_labels(n: int, num_classes: int) -> torch.Tensor:
-    """Labels 0..K-1, 0..K-1, ... for n samples: every class equally often (as sample.py does)."""
-    return torch.arange(n) % num_classes  # (n,)
-
-
 @torch.no_grad()
 def sample_latent_model(
     model: Any,
@@ -524,21 +522,6 @@ def sample_latent_model(
 
 
 # ---------------------------------------------------------------------------- output
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A Markdown table of `rows` with (key, header) `columns`; floats get 4 significant digits."""
-
-    def cell(value: Any) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(k)) for k, _ in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def write_results(
     script: str, quick: bool, payload: dict[str, Any], out_dir: Path = RESULTS_DIR
 ) -> Path:

@@ -49,7 +49,6 @@ from common import (
     compose_project_config,
     denoiser_inputs,
     diffusers_twin,
-    even_labels,
     format_table,
     machine_info,
     median,
@@ -66,6 +65,7 @@ from common import (
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ldm.modules.conditioning import even_class_labels
 from ldm.modules.unet import UNet
 
 CKPT_DIR = ROOT / ".cache" / "bench"
@@ -117,7 +117,6 @@ def throughput(
     latent_shape: tuple[int, int, int],
     args: Any,
 ) -> dict[str, Any]:
-    from ldm.models.latent_diffusion import encode_latents
 
     b = args.batch_size
     kwargs = {"latent": latent_kwargs, "pixel": pixel_unet_kwargs(latent_kwargs, image_shape[0])}
@@ -131,9 +130,9 @@ def throughput(
             model, call_ours, instantiate(optimizer_cfg)(model.parameters()), inputs
         )
     images = torch.rand(b, *image_shape) * 2 - 1  # (B, C, H, W)
-    latents = encode_latents(autoencoder, images)  # (B, c, h, w)
+    latents = autoencoder.encode_latents(images)  # (B, c, h, w)
     extra = {
-        "encode": lambda: encode_latents(autoencoder, images),
+        "encode": lambda: autoencoder.encode_latents(images),
         "decode": lambda: autoencoder.decode(latents / autoencoder.scale_factor),
     }
     for s in steps.values():
@@ -412,12 +411,12 @@ def main() -> None:
         if not args.skip_fid:
             classifier = OmegaConf.to_container(cfg.fid.classifier, resolve=True)
             scorer = FIDScorer(datamodule, {**classifier, "epochs": 1} if q else classifier)
-            labels = even_labels(args.num_samples, datamodule.num_classes)
+            labels = even_class_labels(args.num_samples, datamodule.num_classes)
             latent_model, latent_info = train_latent(
                 cfg, ae_ckpt, datamodule, args, workdir / "stage2"
             )
             print(f"latent: {latent_info}", flush=True)
-            sampler = latent_model.build_sampler(steps=args.sample_steps)
+            sampler = latent_model.configured_sampler(steps=args.sample_steps)
             images, seconds = sample_latent_model(
                 latent_model, sampler, labels, args.sample_batch, args.seed, args.clock
             )

@@ -22,7 +22,6 @@ from common import (
     ROOT,
     FIDScorer,
     base_parser,
-    even_labels,
     format_table,
     machine_info,
     newest_checkpoint,
@@ -130,6 +129,7 @@ def main() -> None:
 
     from ldm.diffusion.samplers import build_sampler
     from ldm.models.loading import load_latent_diffusion
+    from ldm.modules.conditioning import even_class_labels
     from ldm.utils.instantiate import safe_instantiate
 
     train_s = None
@@ -145,7 +145,9 @@ def main() -> None:
     datamodule = safe_instantiate(config["data"], where=f"checkpoint {str(ckpt)!r} (data)")
     classifier = dict(config.get("fid", {}).get("classifier") or {})
     scorer = FIDScorer(datamodule, {**classifier, "epochs": 1} if args.quick else classifier)
-    labels = even_labels(args.num_samples, datamodule.num_classes) if model.num_classes else None
+    labels = None
+    if model.num_classes:
+        labels = even_class_labels(args.num_samples, datamodule.num_classes)
     if labels is None:
         raise SystemExit(
             "sampler_nfe compares class-balanced samples; the checkpoint is unconditional"

@@ -169,16 +169,6 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def build_sampler(sampler_cfg: DictConfig, schedule: Any, what: str, **overrides: Any) -> Any:
-    """`instantiate(cfg.sampler)(schedule=...)` with the sampler's ValueErrors as UserErrors."""
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(sampler_cfg)(schedule=schedule, **overrides)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"{what}: {str(err).splitlines()[0]}") from err
-
-
 # ---------------------------------------------------------------------------- conditioning
 def resolve_labels(
     class_label: int | list[int] | None,
@@ -193,6 +183,8 @@ def resolve_labels(
     """
     import torch
 
+    from ldm.modules.conditioning import even_class_labels
+
     if num_classes is None:
         if class_label is not None:
             raise UserError(
@@ -205,7 +197,7 @@ def resolve_labels(
             )
         return None
     if class_label is None:
-        return torch.arange(num_samples) % num_classes  # (N,) 0..K-1, 0..K-1, ...
+        return even_class_labels(num_samples, num_classes)  # (N,)
     chosen = class_label if isinstance(class_label, list) else [class_label]
     for label in chosen:
         if not 0 <= label < num_classes:
@@ -343,6 +335,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_settings(cfg)
 
     import torch
+    from hydra.utils import instantiate
 
     from ldm.models.loading import latent_diffusion_from_checkpoint
     from ldm.utils.checkpoint import file_sha256, load_checkpoint
@@ -353,16 +346,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = latent_diffusion_from_checkpoint(ckpt, ckpt_path, use_ema=cfg.use_ema).to(device)
     inputs = conditioning_inputs(cfg, model)
     labels = inputs.get("class_labels")
-    sampler = build_sampler(cfg.sampler, model.schedule, f"sampler={cfg.sampler.name}")
-    sweep_samplers = {
-        n: build_sampler(
-            cfg.sampler,
-            model.schedule,
-            f"nfe_sweep entry {n} (sampler={cfg.sampler.name})",
-            steps=n,
-        )
-        for n in cfg.nfe_sweep or []
-    }
+    samplers = {}  # None: the main run's; n: the NFE sweep's n-step one
+    sampler_factory = instantiate(cfg.sampler)  # ldm.diffusion.samplers.build_sampler, partial
+    for steps in [None, *(cfg.nfe_sweep or [])]:
+        try:
+            samplers[steps] = sampler_factory(
+                schedule=model.schedule, **({} if steps is None else {"steps": steps})
+            )
+        except (ValueError, TypeError) as err:
+            what = f"sampler={cfg.sampler.name}"
+            what = what if steps is None else f"nfe_sweep entry {steps} ({what})"
+            raise UserError(f"{what}: {str(err).splitlines()[0]}") from err
+    sampler = samplers.pop(None)
+    sweep_samplers = samplers
     evaluate = None
     if cfg.fid or sweep_samplers:
         from ldm.metrics.sample_scores import build_evaluator

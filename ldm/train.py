@@ -226,8 +226,10 @@ def use_autoencoder_config(cfg: DictConfig, ae_config: dict[str, Any]) -> None:
 def save_final_grid(
     model: pl.LightningModule, datamodule: pl.LightningDataModule, cfg: DictConfig
 ) -> Path:
-    """Sample one grid from the final (EMA) model: one row per class (or per prompt of a text
-    model) with the validation grid's guidance scale (`model.diffusion.val_guidance_scale`)."""
+    """Sample one grid from the final (EMA) model: one column per class (or a row per prompt of a
+    text model) with the validation grid's guidance scale (`model.diffusion.val_guidance_scale`)."""
+    from ldm.modules.conditioning import even_class_labels
+
     num_classes = model.num_classes
     generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
     if model.takes_prompts:
@@ -240,15 +242,14 @@ def save_final_grid(
             guidance_scale=model.hparams.val_guidance_scale,
         )
     elif num_classes:
-        per_class = 8
-        labels = torch.arange(num_classes, device=model.device).repeat_interleave(per_class)
+        labels = even_class_labels(8 * num_classes, num_classes, model.device)  # 8 per class
         images = model.sample(
             len(labels),
             class_labels=labels,
             generator=generator,
             guidance_scale=model.hparams.val_guidance_scale,
         )
-        nrow = per_class
+        nrow = num_classes  # column k: class k
     else:
         images = model.sample(64, generator=generator)
         nrow = 8

@@ -327,7 +327,7 @@ print(
     f"trained {ckpt['global_step']} steps"
 )
 print("schedule:", model.schedule.extra_repr())
-print("configured sampler:", model.build_sampler())
+print("configured sampler:", model.configured_sampler())
 
 # %% [markdown]
 # ## 6. Sampling: DDPM, DDIM and DPM-Solver++

@@ -371,9 +371,9 @@ for key, pngs in sorted(grids.items()):
     plt.show()
 
 # %% [markdown]
-# **Figure 4 — `final_samples.png`.** Drawn by the final (EMA) model after training, one row per
-# class (row k: eight samples of class k) for conditional models. Look for: every row a
-# recognisable, varied set of its digit; identical copies in a row would mean mode collapse.
+# **Figure 4 — `final_samples.png`.** Drawn by the final (EMA) model after training, one column
+# per class (column k: eight samples of class k) for conditional models. Look for: every column a
+# recognisable, varied set of its digit; identical copies in a column would mean mode collapse.
 
 # %%
 final = RUN / "final_samples.png"

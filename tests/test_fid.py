@@ -382,7 +382,7 @@ class BankGenerator(pl.LightningModule):
         self.samplers: list = []
         self.weights_seen: list[float] = []
 
-    def build_sampler(self, **overrides):
+    def configured_sampler(self, **overrides):
         return {"sampler": "configured", **overrides}
 
     def training_step(self, batch, batch_idx):

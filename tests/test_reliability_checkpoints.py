@@ -14,10 +14,10 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.callbacks.safety import AtomicCheckpointIO
+from ldm.models.export import export_safetensors, load_safetensors_export
 from ldm.models.loading import load_autoencoder, load_state_strict
 from ldm.utils.checkpoint import atomic_write, load_checkpoint, read_torch_file, state_dict_mismatch
 from ldm.utils.errors import UserError
-from ldm.utils.export import export_safetensors, load_safetensors_export
 from ldm.utils.instantiate import safe_instantiate
 from tests.conftest import CONF_DIR, ROOT
 
@@ -337,7 +337,7 @@ def test_safetensors_export_roundtrip(tmp_path, ae_ckpt):
 
 
 def test_export_cli(tmp_path, ae_ckpt, capsys):
-    from ldm.utils.export import main
+    from ldm.models.export import main
 
     main([str(ae_ckpt[0]), str(tmp_path / "o.safetensors")])
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'o.safetensors'} (")
@@ -361,7 +361,7 @@ def test_export_cli(tmp_path, ae_ckpt, capsys):
 def test_export_as_python_module(tmp_path, ae_ckpt):
     out = tmp_path / "o.safetensors"
     run = subprocess.run(
-        [sys.executable, "-m", "ldm.utils.export", str(ae_ckpt[0]), str(out)],
+        [sys.executable, "-m", "ldm.models.export", str(ae_ckpt[0]), str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,

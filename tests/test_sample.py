@@ -328,4 +328,4 @@ def test_fid_and_nfe_sweep(checkpoints, tmp_path, capsys):
     assert Image.open(out / "nfe_sweep.png").size[0] > 500
     printed = capsys.readouterr().out
     assert "NFE sweep (ddpm, N=6" in printed
-    assert any(line.split()[:2] == ["4", "4"] for line in printed.splitlines())
+    assert "| steps | NFE | FID |" in printed and "\n| 4 | 4 | " in printed  # the Markdown table

@@ -34,6 +34,7 @@ from ldm.metrics.fid import (
     reference_scores,
 )
 from ldm.metrics.prdc import PRDC_KEYS
+from ldm.modules.conditioning import even_class_labels
 from ldm.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class FIDCallback(pl.Callback):
         inception_weights: path of the FID Inception weights (extractor="inception"); None looks in
             the torch hub cache.
         sampler_steps: evaluate with the model's sampler at this many steps
-            (`pl_module.build_sampler(steps=...)`); None: the model's configured sampler as is.
+            (`pl_module.configured_sampler(steps=...)`); None: the model's configured sampler as is.
         guidance_scale: classifier-free guidance scale for conditional models.
         nearest_k: k of the k-NN balls of precision/recall/density/coverage (ldm.metrics.prdc).
         kid_subsets: number of random subsets KID is averaged over.
@@ -267,7 +268,7 @@ class FIDCallback(pl.Callback):
         classes)."""
         if num_classes is None:
             return None
-        return torch.arange(self.num_samples, device=device) % num_classes  # (N,)
+        return even_class_labels(self.num_samples, num_classes, device)  # (N,)
 
     @torch.no_grad()
     def evaluate(
@@ -289,7 +290,7 @@ class FIDCallback(pl.Callback):
         generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
         kwargs: dict[str, Any] = {}
         if self.sampler_steps is not None:
-            kwargs["sampler"] = pl_module.build_sampler(steps=self.sampler_steps)
+            kwargs["sampler"] = pl_module.configured_sampler(steps=self.sampler_steps)
         if labels is not None and self.guidance_scale != 1.0:
             kwargs["guidance_scale"] = self.guidance_scale
         batches = range(0, len(share), self.batch_size)

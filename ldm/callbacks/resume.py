@@ -26,12 +26,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.data.resumable import ResumableDataLoader
+from ldm.utils.distributed import is_distributed
+from ldm.utils.launch import slurm_job_id
 
 log = logging.getLogger(__name__)
-
-
-def distributed(trainer: pl.Trainer) -> bool:
-    return trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
 def collect_rng_states() -> dict[str, Any]:
@@ -100,7 +98,7 @@ class ExactResume(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         # Called on every rank while a checkpoint is assembled; rank zero's copy is written.
         rng = collect_rng_states()
-        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+        if is_distributed():
             ranks: list[Any] = [None] * self.world_size
             dist.all_gather_object(ranks, rng)
         else:
@@ -151,9 +149,7 @@ class ExactResume(pl.Callback):
 
 def requeue_slurm_job() -> None:
     """`scontrol requeue` this SLURM job (array task), as Lightning's SLURM auto-requeue does."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):
-        job_id = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    job_id = slurm_job_id(os.environ)
     if not job_id:
         log.warning("auto_requeue: not running under SLURM (no SLURM_JOB_ID); not requeued")
         return
@@ -236,7 +232,7 @@ class PreemptionCheckpoint(pl.Callback):
                 signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
     def _agreed_signal(self, trainer: pl.Trainer) -> int:
-        if not distributed(trainer):
+        if not is_distributed():
             return self.received
         flag = torch.tensor([self.received], dtype=torch.int64, device=trainer.strategy.root_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

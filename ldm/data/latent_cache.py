@@ -11,7 +11,6 @@ The `latents` data source (ldm.data.LatentTensors) reads these files.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -23,9 +22,8 @@ from tqdm import tqdm
 from ldm.data.datamodule import ImageDataModule
 from ldm.data.img2img import Img2ImgDataModule
 from ldm.data.sources import LatentTensors
-from ldm.models.latent_diffusion import encode_latents
 from ldm.utils.cache_lock import cache_lock
-from ldm.utils.checkpoint import file_sha256
+from ldm.utils.checkpoint import atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +42,8 @@ def build_latent_cache(
     `cache_dir/<key>.pt`; an existing file for `key` is reused as is. Returns the file's path.
 
     The dataloader must not shuffle or augment: item i of the cache is item i of the dataset.
-    Encoding runs in eval mode on the autoencoder's device; the file is written to a temporary
-    name and renamed, so an interrupted run never leaves a truncated cache behind.
+    Encoding runs in eval mode on the autoencoder's device; the file is written atomically
+    (`atomic_write`), so an interrupted run never leaves a truncated cache behind.
     """
     path = Path(cache_dir) / f"{key}.pt"
     if path.is_file():
@@ -61,7 +59,7 @@ def build_latent_cache(
         for batch in tqdm(
             dataloader, desc=f"encoding latent cache {key[:24]}", leave=False, disable=None
         ):
-            z = encode_latents(autoencoder, batch["image"].to(device))  # (B, c, h, w)
+            z = autoencoder.encode_latents(batch["image"].to(device))  # (B, c, h, w)
             latents.append(z.float().cpu())
             if "label" in batch:
                 labels.append(batch["label"].long().cpu())
@@ -74,9 +72,7 @@ def build_latent_cache(
     payload = {"latents": torch.cat(latents)}  # (N, c, h, w)
     if labels:
         payload["labels"] = torch.cat(labels)  # (N,)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(payload, f))
     log.info(
         "latent cache: wrote %s latents %s to %s",
         len(payload["latents"]),

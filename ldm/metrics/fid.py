@@ -49,6 +49,7 @@ from ldm.metrics.train_classifier import (
 )
 from ldm.utils.cache_lock import cache_lock
 from ldm.utils.checkpoint import file_sha256, read_torch_file
+from ldm.utils.distributed import is_distributed
 from ldm.utils.errors import UserError
 
 EXTRACTORS = ("classifier", "inception")
@@ -280,10 +281,6 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 class SampleMetrics(nn.Module):
     """FID, KID, precision/recall/density/coverage (k-NN with `nearest_k`) and (for labeled data)
     CAS of generated images against cached real features.
@@ -359,7 +356,7 @@ class SampleMetrics(nn.Module):
         self.num_real = len(features)
         features = features.to(self.device)
         self.prdc.set_real_features(features)  # every rank holds all reals; only fakes are synced
-        if self.sync_on_compute and _distributed() and torch.distributed.get_rank() > 0:
+        if self.sync_on_compute and is_distributed() and torch.distributed.get_rank() > 0:
             # Empty but 2-D, so torchmetrics' all-gather of the list state lines up with rank 0's.
             self.kid.real_features = [features[:0].double()]
             return
@@ -380,7 +377,7 @@ class SampleMetrics(nn.Module):
 
     def _global_num_fake(self) -> int:
         n = self.num_fake.clone()
-        if self.sync_on_compute and _distributed():
+        if self.sync_on_compute and is_distributed():
             torch.distributed.all_reduce(n)
         return int(n)
 

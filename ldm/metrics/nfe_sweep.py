@@ -15,8 +15,19 @@ from typing import Any
 
 import torch
 
+from ldm.utils.tables import format_table
+
 # generate(sampler, progress description) -> (images (N, C, H, W) in [-1, 1], seconds)
 Generate = Callable[[Any, str], tuple[torch.Tensor, float]]
+TABLE_COLUMNS = [
+    ("steps", "steps"),
+    ("nfe", "NFE"),
+    ("fid", "FID"),
+    ("kid", "KID"),
+    ("cas", "CAS"),
+    ("seconds", "seconds"),
+    ("images_per_second", "img/s"),
+]
 # evaluate(images, labels) -> {"fid", "kid", "cas", "N", ...}
 Evaluate = Callable[[torch.Tensor, torch.Tensor | None], Mapping[str, Any]]
 
@@ -45,20 +56,6 @@ def run_nfe_sweep(
             }
         )
     return rows
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    header = (
-        f"{'steps':>6} {'NFE':>6} {'FID':>10} {'KID':>10} {'CAS':>6} {'seconds':>9} {'img/s':>9}"
-    )
-    lines = [header]
-    for r in rows:
-        cas = f"{r['cas']:.3f}" if r["cas"] is not None else "-"
-        lines.append(
-            f"{r['steps']:>6} {r['nfe']:>6} {r['fid']:>10.3f} {r['kid']:>10.5f} {cas:>6} "
-            f"{r['seconds']:>9.2f} {r['images_per_second']:>9.1f}"
-        )
-    return "\n".join(lines)
 
 
 def plot_nfe_sweep(rows: list[dict[str, Any]], title: str, path: Path) -> None:
@@ -99,5 +96,5 @@ def write_nfe_sweep(rows: list[dict[str, Any]], info: dict[str, Any], out: Path)
     title = f"{info['sampler']}, N={info['N']}, {info['device']}"
     plot_nfe_sweep(rows, title, out / "nfe_sweep.png")
     print(f"NFE sweep ({info['sampler']}, N={info['N']}, {info['extractor']} features):")
-    print(format_table(rows))
+    print(format_table(rows, TABLE_COLUMNS))
     return ["nfe_sweep.json", "nfe_sweep.csv", "nfe_sweep.png"]

@@ -2,8 +2,8 @@
 
 `build_evaluator(ckpt, ...)` rebuilds the data module from the config stored in the checkpoint
 (allowlisted targets only), gets the feature extractor (training the FID classifier once, cached)
-and reuses the real-feature cache that the training FID callback filled. Used by `sample.py fid=true`
-and the NFE sweep (ldm.metrics.nfe_sweep).
+and reuses the real-feature cache that the training FID callback filled. Used by
+`sample.py fid=true` and the NFE sweep (ldm.metrics.nfe_sweep).
 """
 
 from __future__ import annotations

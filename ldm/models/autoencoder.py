@@ -178,6 +178,13 @@ class Autoencoder(pl.LightningModule, abc.ABC):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents (B, c, h, w) -> images (B, C, h*f, w*f) in about [-1, 1]."""
 
+    @torch.no_grad()
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> scaled latents (B, c, h, w) of about unit variance:
+        scale_factor * encode(x) (LDM Sec. 4.3.2 / App. G; KL: the posterior mode, VQ: quantized).
+        The one definition of stage 2's latents: LatentDiffusion and the latent cache call it."""
+        return self.encode(images) * self.scale_factor
+
     @abc.abstractmethod
     def autoencode(self, x: torch.Tensor) -> AutoencodeOutput:
         """Full pass with losses; in training mode it may sample/update regulariser state."""

@@ -22,16 +22,8 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from ldm.diffusion.schedules import LOSS_WEIGHTINGS
-from ldm.modules.conditioning import ClassConditioner
+from ldm.modules.conditioning import ClassConditioner, even_class_labels
 from ldm.utils.images import log_image_grid, log_prompt_table, to_display_range
-
-
-@torch.no_grad()
-def encode_latents(autoencoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Images (B, C, H, W) in [-1, 1] -> scaled latents (B, c, h, w) of about unit variance:
-    scale_factor * encode(x) (LDM Sec. 4.3.2 / App. G; KL: the posterior mode, VQ: quantized).
-    The one definition shared by on-the-fly encoding and the latent cache."""
-    return autoencoder.encode(images) * autoencoder.scale_factor
 
 
 def derive_seed(*parts: int) -> int:
@@ -161,8 +153,8 @@ class LatentDiffusion(pl.LightningModule):
         return (self.autoencoder.latent_channels, size, size)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> scaled latents (B, c, h, w) (see encode_latents)."""
-        return encode_latents(self.autoencoder, images)
+        """Images (B, C, H, W) in [-1, 1] -> scaled latents (B, c, h, w) (`encode_latents`)."""
+        return self.autoencoder.encode_latents(images)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -286,9 +278,7 @@ class LatentDiffusion(pl.LightningModule):
             prompts = [p for p in shown for _ in range(nrow)]  # one row per prompt
             n, scale = len(prompts), self.hparams.val_guidance_scale
         elif self.num_classes is not None:
-            labels = (
-                torch.arange(n, device=self.device) % self.num_classes
-            )  # (n,) 0..K-1, 0..K-1, ...
+            labels = even_class_labels(n, self.num_classes, self.device)  # (n,)
             scale, nrow = self.hparams.val_guidance_scale, min(n, self.num_classes)
         g = torch.Generator().manual_seed(self.hparams.val_seed)
         images = self.sample(
@@ -316,7 +306,7 @@ class LatentDiffusion(pl.LightningModule):
         return captions
 
     # ----------------------------------------------------------------- sampling
-    def build_sampler(self, **overrides: Any) -> Any:
+    def configured_sampler(self, **overrides: Any) -> Any:
         """The configured sampler built on this module's schedule (`overrides`, e.g. steps=20)."""
         return self.sampler_factory(schedule=self.schedule, **overrides)
 
@@ -408,13 +398,13 @@ class LatentDiffusion(pl.LightningModule):
             guidance pred = uncond + s * (cond - uncond) (Ho & Salimans 2022, Eq. 6), s=1 is plain
             conditional sampling. generator: seeds x_T (drawn on the generator's device, so a CPU
             generator gives the same start noise on any device) and the sampler's noise.
-            sampler: a built Sampler (default: the configured one, `build_sampler()`).
+            sampler: a built Sampler (default: the configured one, `configured_sampler()`).
             latent_shape: (c, h, w), default `self.latent_shape`.
         """
         if num_samples <= 0:
             raise ValueError(f"num_samples={num_samples} must be positive")
         conditions = self.sample_conditions(num_samples, class_labels, prompts, guidance_scale)
-        sampler = sampler if sampler is not None else self.build_sampler()
+        sampler = sampler if sampler is not None else self.configured_sampler()
         shape = (num_samples, *(latent_shape or self.latent_shape))
         noise_device = generator.device if generator is not None else self.device
         x_T = torch.randn(shape, generator=generator, device=noise_device).to(

@@ -68,3 +68,12 @@ class ClassConditioner(Conditioner):
         return {
             "class_labels": torch.full((num,), self.num_classes, dtype=torch.long, device=device)
         }
+
+
+def even_class_labels(
+    num_samples: int, num_classes: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Labels (num_samples,) 0, 1, ..., K-1, 0, 1, ...: sample i gets class i mod K, so every class
+    is asked for equally often, and a grid with K images per row shows class k in column k. The
+    one spread of the validation grid, the final grid, sample.py and the FID callback."""
+    return torch.arange(num_samples, device=device) % num_classes  # (N,)

@@ -22,21 +22,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.utils.distributed import is_distributed
+
 _CHUNK = 8192  # rows of z per distance matrix, bounds memory at chunk x num_codes
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
+    if is_distributed():
         dist.broadcast(t, src=0)
     return t
 

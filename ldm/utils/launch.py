@@ -38,6 +38,14 @@ def external_launcher(environ: Mapping[str, str]) -> str | None:
     return None
 
 
+def slurm_job_id(environ: Mapping[str, str]) -> str | None:
+    """This SLURM job's id as `scontrol` names it (`<array job>_<task>` for an array task), or
+    None outside SLURM; a requeued job keeps it. The one place that reads it."""
+    if environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return environ.get("SLURM_JOB_ID") or None
+
+
 def rank_label(environ: Mapping[str, str]) -> str | None:
     """This process's rank as named in its log file; None for rank zero (or a single process).
 
@@ -72,10 +80,7 @@ def process_start_time(pid: int) -> float | None:
 def shared_run_name(launcher: str, environ: Mapping[str, str]) -> str:
     """A name every rank of this launch derives alike."""
     if launcher == "srun":
-        job = environ["SLURM_JOB_ID"]
-        if "SLURM_ARRAY_JOB_ID" in environ:
-            job = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
-        return f"slurm-{job}.{environ.get('SLURM_STEP_ID', '0')}"
+        return f"slurm-{slurm_job_id(environ)}.{environ.get('SLURM_STEP_ID', '0')}"
     run_id = environ.get("TORCHELASTIC_RUN_ID", "none")
     if run_id not in ("", "none"):
         return f"torchrun-{run_id}"

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.utils.launch import slurm_job_id
+
 PACKAGES = (
     "torch",
     "torchvision",
@@ -77,7 +79,7 @@ def launch_info(cfg: DictConfig) -> dict[str, Any]:
         },
         "launcher": external_launcher(os.environ),
         "world_size": int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_job_id": slurm_job_id(os.environ),
     }
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()

@@ -34,7 +34,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ldm.utils.errors import UserError
-from ldm.utils.launch import process_start_time, rank_label
+from ldm.utils.launch import process_start_time, rank_label, slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,7 @@ def run_name(environ: Mapping[str, str] | None = None, now: datetime | None = No
     environ = os.environ if environ is None else environ
     now = now or datetime.now()
     name = f"{now:%Y-%m-%d_%H-%M-%S}.{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"
-    job = environ.get("SLURM_JOB_ID")
-    if "SLURM_ARRAY_JOB_ID" in environ:
-        job = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    job = slurm_job_id(environ)
     return f"{name}-slurm{job}" if job else name
 
 

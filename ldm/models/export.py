@@ -1,6 +1,6 @@
 """Export an ldm checkpoint to safetensors (weights + the stored config as JSON) and load it back.
 
-    python -m ldm.utils.export CKPT OUT.safetensors
+    python -m ldm.models.export CKPT OUT.safetensors
 
 The file holds the checkpoint's `state_dict` (for stage 2 that is the EMA weights when EMA was on,
 plus the frozen stage-1 weights) and, in the safetensors metadata under "ldm", the JSON of
@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from ldm.models.loading import autoencoder_from_checkpoint, latent_diffusion_from_checkpoint
 from ldm.utils.checkpoint import atomic_write, check_ldm_checkpoint, load_checkpoint
 from ldm.utils.errors import UserError
 
@@ -78,8 +79,6 @@ def read_safetensors_export(path: str | Path) -> dict[str, Any]:
 
 def load_safetensors_export(path: str | Path, expected_stage: str | None = None) -> torch.nn.Module:
     """Rebuild the exported module (autoencoder or LatentDiffusion) in eval mode, strict load."""
-    from ldm.models.loading import autoencoder_from_checkpoint, latent_diffusion_from_checkpoint
-
     ckpt = read_safetensors_export(path)
     check_ldm_checkpoint(ckpt, path, expected_stage)
     if ckpt["ldm"]["stage"] == "autoencoder":
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     from ldm.utils.cli import exit_on_user_error
 
     parser = argparse.ArgumentParser(
-        prog="python -m ldm.utils.export", description=__doc__.splitlines()[0]
+        prog="python -m ldm.models.export", description=__doc__.splitlines()[0]
     )
     parser.add_argument("ckpt", help="an ldm checkpoint (.ckpt) of either stage")
     parser.add_argument("out", help="the .safetensors file to write")
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         exit_on_user_error(err)
     print(
         f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); "
-        "load it with ldm.utils.export.load_safetensors_export"
+        "load it with ldm.models.export.load_safetensors_export"
     )
 
 

@@ -334,9 +334,9 @@ def preflight(cfg: DictConfig) -> None:
             model = build_diffusion_model(
                 effective, hydra.utils.instantiate(effective.model.autoencoder)
             )
-            model.build_sampler()
+            model.configured_sampler()
             if OmegaConf.select(cfg, "fid.sampler_steps") is not None:
-                model.build_sampler(steps=cfg.fid.sampler_steps)
+                model.configured_sampler(steps=cfg.fid.sampler_steps)
 
 
 def train_autoencoder(

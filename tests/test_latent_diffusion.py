@@ -21,6 +21,8 @@ from ldm.data.latent_cache import build_latent_cache, latent_cache_datamodule, l
 from ldm.diffusion.samplers import build_sampler
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.modules.unet import UNet
+from ldm.utils.errors import UserError
+from ldm.utils.validation import validate_config
 from tests.conftest import compose_config, quiet_trainer
 
 # Digits at 16x16, f=4 KL autoencoder with 4 latent channels -> 4x4x4 latents; T=100, 4-step DDIM.
@@ -352,6 +354,50 @@ def test_sample_shape_range_and_reproducibility(tmp_path):
     model.sample(2, class_labels=4, callback=lambda i, t, x, x0: seen.append((i, t, x.shape)))
     assert [(i, t) for i, t, _ in seen] == [(0, 99), (1, 74), (2, 49), (3, 24)]
     assert seen[0][2] == (2, 4, 4, 4)
+
+
+def test_guidance_options_come_from_the_model_config_and_sample_overrides(tmp_path):
+    """model.diffusion.guidance_interval / guidance_rescale are sample()'s defaults (off in every
+    shipped config); sample() arguments override them; bad values fail at construction."""
+    labels = torch.tensor([0, 1, 2, 3])
+
+    def draw(model, **kw):
+        kw = {"guidance_scale": 3.0, **kw}
+        return model.sample(
+            4, class_labels=labels, generator=torch.Generator().manual_seed(1), **kw
+        )
+
+    cfg = tiny_cfg(tmp_path)
+    assert cfg.model.diffusion.guidance_interval is None
+    assert cfg.model.diffusion.guidance_rescale == 0.0
+    ae = make_autoencoder(cfg)
+    plain_model = make_model(cfg, ae, randomize=True).eval()
+    plain = draw(plain_model)
+    never = [1e9, None]  # above every step's sigma: no step is guided
+    unguided = draw(plain_model, guidance_scale=1.0)
+    assert torch.equal(draw(plain_model, guidance_interval=never), unguided)
+    assert not torch.equal(draw(plain_model, guidance_rescale=0.7), plain)
+
+    cfg = tiny_cfg(tmp_path, f"model.diffusion.guidance_interval=[{never[0]},null]")
+    limited = make_model(cfg, ae, randomize=True).eval()
+    assert limited.hparams.guidance_interval == never
+    assert torch.equal(draw(limited), unguided)
+    assert torch.equal(draw(limited, guidance_interval=[None, None]), plain)  # override: all steps
+    cfg = tiny_cfg(tmp_path, "model.diffusion.guidance_rescale=0.7")
+    rescaled = make_model(cfg, ae, randomize=True).eval()
+    assert torch.equal(draw(rescaled), draw(plain_model, guidance_rescale=0.7))
+    assert torch.equal(draw(rescaled, guidance_rescale=0.0), plain)
+    for bad, match in (
+        ("guidance_rescale=2.0", r"guidance_rescale=2.0 must be in \[0, 1\]"),
+        ("guidance_interval=[3.0,1.0]", "guidance_interval=.* sigma_lo < sigma_hi"),
+    ):
+        bad_cfg = tiny_cfg(tmp_path, f"model.diffusion.{bad}")
+        with pytest.raises(UserError, match=f"^model.diffusion.{match}"):  # before stage 1
+            validate_config(bad_cfg)
+        with pytest.raises(Exception, match=match):
+            make_model(bad_cfg, ae)
+    with pytest.raises(UserError, match=r"^fid.guidance_interval=\[1.0\] must be"):
+        validate_config(tiny_cfg(tmp_path, "fid.guidance_interval=[1.0]"))
 
 
 def test_sample_rejects_bad_labels(tmp_path):

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ldm.diffusion import NoiseSchedule, build_sampler, sampling_timesteps
+from ldm.diffusion import NoiseSchedule, build_sampler, guided_prediction, sampling_timesteps
 from ldm.diffusion.gaussian import gaussian_model, gaussian_sample_stats
 
 F64 = torch.float64
@@ -439,6 +439,82 @@ def test_guidance(name):
     assert (guided.mean(1) - cond_only.mean(1)).sign().eq(y.sign().double()).all()
     with pytest.raises(ValueError, match="needs `uncond`"):
         run(model_fn, cond={"y": y}, guidance_scale=2.0)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm_solver_sde"])
+def test_guidance_interval(name):
+    """Kynkaenniemi et al. 2024: guidance only at steps with sigma in (lo, hi]; plain conditional
+    calls (batch B) elsewhere."""
+    schedule = NoiseSchedule("linear", prediction_type="eps")
+    sampler = build_sampler(name, schedule, 10)
+    calls = []
+    model_fn = conditional_model(schedule, calls)
+    x_T = start_noise((6, 3))
+    y = torch.tensor([1, 2, 3, 1, 2, 3])
+    kw = {"cond": {"y": y}, "uncond": {"y": torch.full_like(y, -1)}, "guidance_scale": 3.0}
+
+    def run(**extra):
+        calls.clear()
+        return sampler(model_fn, x_T, generator=torch.Generator().manual_seed(0), **kw, **extra)
+
+    plain = run()
+    assert calls == [12] * 10
+    sigmas = sampler.sigmas  # EDM sigma of each step, decreasing
+    assert sigmas == sorted(sigmas, reverse=True) and sigmas[0] > 100 and sigmas[-1] < 0.5
+    # An interval covering every step (or open at both ends) is plain CFG.
+    for interval in ([0.0, sigmas[0]], [None, None], [sigmas[-1] / 2, None]):
+        assert torch.equal(run(guidance_interval=interval), plain), interval
+    # An interval outside every step is the unguided (conditional) sampler, one call of B a step.
+    unguided = sampler(model_fn, x_T, generator=torch.Generator().manual_seed(0), cond={"y": y})
+    for interval in ([sigmas[0] * 2, None], [0.0, sigmas[-1] / 2]):
+        assert torch.equal(run(guidance_interval=interval), unguided), interval
+        assert calls == [6] * 10
+    # Part of the chain: steps 3..6 by sigma; (lo, hi] includes hi and excludes lo.
+    partial = run(guidance_interval=[sigmas[7], sigmas[3]])
+    assert calls == [6, 6, 6, 12, 12, 12, 12, 6, 6, 6]
+    assert sampler.guided_steps([sigmas[7], sigmas[3]]) == [i in (3, 4, 5, 6) for i in range(10)]
+    assert not torch.equal(partial, plain) and not torch.equal(partial, unguided)
+    for bad, match in (([1.0], "must be"), ([2.0, 1.0], "sigma_lo < sigma_hi"), ("0,1", "must")):
+        with pytest.raises(ValueError, match=match):
+            run(guidance_interval=bad)
+
+
+def test_guidance_rescale_matches_diffusers():
+    """CFG rescale (Lin et al. 2023) = diffusers' rescale_noise_cfg on the guided output; 0 is
+    plain CFG; 1 gives the guided output the per-sample std of the conditional one."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    x = start_noise((4, 2, 3, 3))
+    t = torch.full((4,), 500)
+    y = torch.tensor([0, 1, 2, 3])
+
+    def model_fn(x_t, t, y):  # a nonlinear stand-in whose scale depends on the label
+        return torch.sin(x_t * (1 + y.view(-1, 1, 1, 1))) + 0.1 * y.view(-1, 1, 1, 1)
+
+    cond, uncond = {"y": y}, {"y": torch.zeros_like(y)}
+    plain = guided_prediction(model_fn, x, t, cond, uncond, 4.0)
+    assert torch.equal(guided_prediction(model_fn, x, t, cond, uncond, 4.0, 0.0), plain)
+    text = model_fn(x, t, y)
+    for phi in (0.3, 0.7, 1.0):
+        ours = guided_prediction(model_fn, x, t, cond, uncond, 4.0, guidance_rescale=phi)
+        ref = rescale_noise_cfg(plain.clone(), text, guidance_rescale=phi)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    full = guided_prediction(model_fn, x, t, cond, uncond, 4.0, guidance_rescale=1.0)
+    torch.testing.assert_close(full.std(dim=(1, 2, 3)), text.std(dim=(1, 2, 3)))
+    assert plain.std(dim=(1, 2, 3)).mean() > 1.5 * text.std(dim=(1, 2, 3)).mean()
+    # Through a sampler: rescale 0 is plain CFG; otherwise it changes the samples.
+    schedule = NoiseSchedule("linear")
+    sampler = build_sampler("ddim", schedule, 10)
+    model = conditional_model(schedule, [])
+    lab = torch.tensor([1, 2, 3])
+    kw = {"cond": {"y": lab}, "uncond": {"y": torch.full_like(lab, -1)}, "guidance_scale": 3.0}
+    x_T = start_noise((3, 4))
+    assert torch.equal(sampler(model, x_T, **kw, guidance_rescale=0.0), sampler(model, x_T, **kw))
+    assert not torch.equal(
+        sampler(model, x_T, **kw, guidance_rescale=0.7), sampler(model, x_T, **kw)
+    )
+    with pytest.raises(ValueError, match=r"guidance_rescale=1.5 must be in \[0, 1\]"):
+        sampler(model, x_T, **kw, guidance_rescale=1.5)
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm_solver", "dpm_solver_sde"])

@@ -8,8 +8,9 @@ and diversity apart, ldm.metrics.prdc) and `val/fid_num_samples`. Once per run i
 reference points `ref/fid_real_floor` (val split vs train split) and `ref/fid_noise_ceiling`
 (Gaussian noise), with their KIDs and Ns, and what held-out reals score on the four k-NN metrics,
 `ref/precision_real`, `ref/recall_real`, `ref/density_real`, `ref/coverage_real` (with the val
-split's N, `ref/fid_real_floor_num_samples`; recall and coverage grow with the number of samples). The real images are the train split of the image data module; their features,
-the feature classifier and the references are cached under `<cache_dir>/fid/<dataset fingerprint>/`.
+split's N, `ref/fid_real_floor_num_samples`; both sets are cut to the same size, so these compare
+with any N). The real images are the train split of the image data module; their features, the
+feature classifier and the references are cached under `<cache_dir>/fid/<dataset fingerprint>/`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from pytorch_lightning.callbacks import WeightAveraging
 from tqdm import tqdm
 
+from ldm.diffusion.samplers import check_guidance
 from ldm.metrics.fid import (
     SampleMetrics,
     build_extractor,
@@ -65,6 +67,8 @@ class FIDCallback(pl.Callback):
         sampler_steps: evaluate with the model's sampler at this many steps
             (`pl_module.configured_sampler(steps=...)`); None: the model's configured sampler as is.
         guidance_scale: classifier-free guidance scale for conditional models.
+        guidance_interval, guidance_rescale: guidance limited to noise levels (sigma_lo, sigma_hi]
+            and CFG rescale phi (LatentDiffusion.sample); None: the model's own settings.
         nearest_k: k of the k-NN balls of precision/recall/density/coverage (ldm.metrics.prdc).
         kid_subsets: number of random subsets KID is averaged over.
         kid_subset_size: KID subset size (capped by the numbers of real and generated images).
@@ -95,6 +99,8 @@ class FIDCallback(pl.Callback):
         progress_bar: bool = True,
         datamodule: pl.LightningDataModule | None = None,
         nearest_k: int = 3,
+        guidance_interval: list[float | None] | None = None,
+        guidance_rescale: float | None = None,
     ):
         super().__init__()
         if every_n_epochs < 0:
@@ -119,6 +125,11 @@ class FIDCallback(pl.Callback):
         self.sampler_steps, self.guidance_scale = sampler_steps, guidance_scale
         self.kid_subsets, self.kid_subset_size, self.seed = kid_subsets, kid_subset_size, seed
         self.nearest_k = nearest_k
+        try:
+            check_guidance(guidance_interval, guidance_rescale or 0.0)
+        except ValueError as err:
+            raise UserError(f"fid.{err}") from err
+        self.guidance_interval, self.guidance_rescale = guidance_interval, guidance_rescale
         self.classifier_settings = dict(classifier or {})
         self.log_reference, self.progress_bar, self.datamodule = (
             log_reference,
@@ -293,6 +304,10 @@ class FIDCallback(pl.Callback):
             kwargs["sampler"] = pl_module.configured_sampler(steps=self.sampler_steps)
         if labels is not None and self.guidance_scale != 1.0:
             kwargs["guidance_scale"] = self.guidance_scale
+            if self.guidance_interval is not None:
+                kwargs["guidance_interval"] = self.guidance_interval
+            if self.guidance_rescale is not None:
+                kwargs["guidance_rescale"] = self.guidance_rescale
         batches = range(0, len(share), self.batch_size)
         show = self.progress_bar and trainer.is_global_zero
         for i in tqdm(

@@ -96,6 +96,7 @@ def guided_prediction(
     cond: Mapping[str, Any] | None,
     uncond: Mapping[str, Any] | None,
     guidance_scale: float,
+    guidance_rescale: float = 0.0,
 ) -> Tensor:
     """Model output with classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598, eq. 6).
 
@@ -103,6 +104,12 @@ def guided_prediction(
     (first half unconditional). The combination is affine with weights summing to one, so it gives
     the same sampler update whichever prediction type (eps, x0, v) the model outputs. With s = 1
     (or no `uncond`) it is the plain conditional call. The one place guidance lives.
+
+    `guidance_rescale` phi (Lin et al. 2023, arXiv 2305.08891, Sec. 3.4 / Alg. 2; diffusers'
+    rescale_noise_cfg): pred is scaled to the per-sample std of cond_pred and mixed back,
+        pred <- phi * pred * std(cond_pred) / std(pred) + (1 - phi) * pred,
+    undoing the std inflation that large scales cause. Unlike the plain combination it depends on
+    the prediction type; it is applied to the model's own output (as diffusers does). 0: off.
     """
     cond = dict(cond or {})
     if guidance_scale == 1.0:
@@ -117,7 +124,40 @@ def guided_prediction(
     both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}  # each (2B, ...)
     out = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), **both)  # (2B, ...)
     out_uncond, out_cond = out.chunk(2)  # (B, ...) each
-    return out_uncond + guidance_scale * (out_cond - out_uncond)
+    guided = out_uncond + guidance_scale * (out_cond - out_uncond)
+    if guidance_rescale == 0.0:
+        return guided
+    dims = list(range(1, guided.ndim))
+    std_ratio = out_cond.std(dim=dims, keepdim=True) / guided.std(
+        dim=dims, keepdim=True
+    )  # (B, 1..)
+    return guidance_rescale * guided * std_ratio + (1 - guidance_rescale) * guided
+
+
+GuidanceInterval = tuple[float | None, float | None] | list | None
+
+
+def check_guidance(
+    guidance_interval: GuidanceInterval, guidance_rescale: float
+) -> tuple[tuple[float, float] | None, float]:
+    """Validated ((sigma_lo, sigma_hi) or None, rescale): an interval is two numbers (null = open
+    end: 0 or infinity) with 0 <= lo < hi; rescale is in [0, 1]."""
+    if not 0.0 <= float(guidance_rescale) <= 1.0:
+        raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1] (0: plain CFG)")
+    if guidance_interval is None:
+        return None, float(guidance_rescale)
+    if isinstance(guidance_interval, str) or len(guidance_interval) != 2:
+        raise ValueError(
+            f"guidance_interval={guidance_interval!r} must be [sigma_lo, sigma_hi] (null: open end)"
+        )
+    lo, hi = guidance_interval
+    lo = 0.0 if lo is None else float(lo)
+    hi = math.inf if hi is None else float(hi)
+    if not 0.0 <= lo < hi:
+        raise ValueError(
+            f"guidance_interval={list(guidance_interval)} needs 0 <= sigma_lo < sigma_hi"
+        )
+    return (lo, hi), float(guidance_rescale)
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -158,6 +198,17 @@ class Sampler:
         # alphas_cumprod at each visited timestep and at the one after it (1.0 = clean data).
         self.abar = ac[self.timesteps].tolist()
         self.abar_prev = [*self.abar[1:], 1.0]
+        # Noise level of each visited step as EDM's sigma = sqrt((1 - abar) / abar) (Karras et al.
+        # 2022; inf at zero terminal SNR), the unit of guidance_interval.
+        self.sigmas = [math.sqrt((1 - a) / a) if a > 0 else math.inf for a in self.abar]
+
+    def guided_steps(self, guidance_interval: GuidanceInterval) -> list[bool]:
+        """Which steps apply guidance: those with sigma in (sigma_lo, sigma_hi] (all for None)."""
+        interval, _ = check_guidance(guidance_interval, 0.0)
+        if interval is None:
+            return [True] * self.steps
+        lo, hi = interval
+        return [lo < sigma <= hi for sigma in self.sigmas]
 
     @property
     def nfe(self) -> int:
@@ -210,6 +261,8 @@ class Sampler:
         generator: torch.Generator | None = None,
         callback: Callback | None = None,
         start: int = 0,
+        guidance_interval: GuidanceInterval = None,
+        guidance_rescale: float = 0.0,
     ) -> Tensor:
         """Run the reverse process from x_T (B, ...) and return the final sample x0 (B, ...).
 
@@ -217,15 +270,27 @@ class Sampler:
         model at timestep t and the x0 predicted from it. `start` > 0 begins at step `start`:
         then x_T is the sample at `timesteps[start]` (SDEdit, ldm.diffusion.sdedit) and only the
         remaining `steps - start` steps run (`start = steps` returns x_T).
+
+        Guidance that keeps diversity (both off by default):
+        `guidance_interval` [sigma_lo, sigma_hi]: guidance_scale applies only at steps whose noise
+            level sigma = sqrt((1 - abar) / abar) is in (sigma_lo, sigma_hi] (null = open end);
+            other steps use the plain conditional model, one call of batch B (Kynkaenniemi et al.
+            2024, "Applying Guidance in a Limited Interval Improves Sample and Distribution
+            Quality in Diffusion Models", arXiv 2404.07724: guidance at high noise collapses
+            diversity, at low noise it does little).
+        `guidance_rescale` phi: CFG rescale (Lin et al. 2023), see `guided_prediction`.
         """
         if not 0 <= start <= self.steps:
             raise ValueError(f"start={start} must be in 0..{self.steps} (the sampler's steps)")
+        guided = self.guided_steps(guidance_interval)
+        _, guidance_rescale = check_guidance(guidance_interval, guidance_rescale)
         x, state = x_T, None
         for i, t in enumerate(self.timesteps.tolist()):
             if i < start:
                 continue
             t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
-            pred = guided_prediction(model_fn, x, t_batch, cond, uncond, guidance_scale)
+            scale = guidance_scale if guided[i] else 1.0
+            pred = guided_prediction(model_fn, x, t_batch, cond, uncond, scale, guidance_rescale)
             x0, eps = self.x0_eps(i, x, pred)
             if callback is not None:
                 callback(i, t, x, x0)

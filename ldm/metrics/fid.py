@@ -525,8 +525,9 @@ def compute_metrics(
     seed: int = 0,
     nearest_k: int = 3,
 ) -> dict[str, float | int]:
-    """FID, KID, precision/recall/density/coverage (and CAS when `fake_labels` and `classifier` are given) of generated images
-    (N, C, H, W) in [-1, 1] against real images (a Dataset, a loader or a tensor in [-1, 1]).
+    """FID, KID, precision/recall/density/coverage (and CAS when `fake_labels` and `classifier`
+    are given) of generated images (N, C, H, W) in [-1, 1] against real images (a Dataset, a
+    loader or a tensor in [-1, 1]).
 
     Single process; returns the scores with `num_samples` (N) and `num_real`.
     """

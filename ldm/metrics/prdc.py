@@ -1,4 +1,4 @@
-"""Fidelity and diversity of generated samples as separate numbers: precision, recall, density, coverage.
+"""Fidelity and diversity of samples as separate numbers: precision, recall, density, coverage.
 
 FID folds "are the samples realistic?" and "do they cover the data?" into one number; a model
 that draws every digit in one style can score well on it. These metrics, on the same features
@@ -148,7 +148,7 @@ class PRDC(Metric):
         self.fake_features.append(features.detach().double())
 
     def _subset(self, x: Tensor, n: int, offset: int) -> Tensor:
-        """n rows of x chosen at random (seed + offset), in their original order; x if n = len(x)."""
+        """n rows of x chosen at random (seed + offset), in their order; x if n = len(x)."""
         if n == len(x):
             return x
         g = torch.Generator().manual_seed(self.seed + offset)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid
 
+from ldm.diffusion.samplers import check_guidance
 from ldm.diffusion.schedules import LOSS_WEIGHTINGS
 from ldm.modules.conditioning import ClassConditioner, even_class_labels
 from ldm.utils.images import log_image_grid, log_prompt_table, to_display_range
@@ -64,6 +65,10 @@ class LatentDiffusion(pl.LightningModule):
         val_seed: seed of the validation noise, t and grid noise (same seed -> comparable runs).
         val_prompts: captions of the validation grid of a text-conditioned model (None: the
             captions of the first validation batch).
+        guidance_interval: [sigma_lo, sigma_hi] or None: where guidance applies when sampling
+            (Kynkaenniemi et al. 2024; Sampler.__call__); None: at every step.
+        guidance_rescale: CFG rescale phi in [0, 1] (Lin et al. 2023; guided_prediction); 0: off.
+            Both are the defaults of `sample()` (grids, FID, sample.py), which can override them.
     """
 
     def __init__(
@@ -84,6 +89,8 @@ class LatentDiffusion(pl.LightningModule):
         val_guidance_scale: float = 1.0,
         val_seed: int = 0,
         val_prompts: list[str] | None = None,
+        guidance_interval: list[float | None] | None = None,
+        guidance_rescale: float = 0.0,
     ):
         super().__init__()
         if loss_weighting not in LOSS_WEIGHTINGS:
@@ -109,6 +116,7 @@ class LatentDiffusion(pl.LightningModule):
             )
         if num_val_samples < 0:
             raise ValueError(f"num_val_samples={num_val_samples} must be >= 0")
+        check_guidance(guidance_interval, guidance_rescale)
         # Only plain data goes to hparams, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             ignore=[
@@ -389,6 +397,8 @@ class LatentDiffusion(pl.LightningModule):
         callback: Callable[..., Any] | None = None,
         latent_shape: tuple[int, int, int] | None = None,
         prompts: str | list[str] | None = None,
+        guidance_interval: list[float | None] | None = None,
+        guidance_rescale: float | None = None,
     ) -> torch.Tensor:
         """Generate images (num_samples, C, H, W) in [-1, 1] by reverse diffusion in latent space.
 
@@ -400,11 +410,19 @@ class LatentDiffusion(pl.LightningModule):
             generator gives the same start noise on any device) and the sampler's noise.
             sampler: a built Sampler (default: the configured one, `configured_sampler()`).
             latent_shape: (c, h, w), default `self.latent_shape`.
+            guidance_interval, guidance_rescale: see Sampler.__call__; None: the model's own
+            (`model.diffusion.guidance_interval` / `guidance_rescale`). [null, null] guides at
+            every step whatever the model's setting.
         """
         if num_samples <= 0:
             raise ValueError(f"num_samples={num_samples} must be positive")
         conditions = self.sample_conditions(num_samples, class_labels, prompts, guidance_scale)
         sampler = sampler if sampler is not None else self.configured_sampler()
+        # .get: checkpoints made before these options have no such hparams
+        if guidance_interval is None:
+            guidance_interval = self.hparams.get("guidance_interval")
+        if guidance_rescale is None:
+            guidance_rescale = self.hparams.get("guidance_rescale", 0.0)
         shape = (num_samples, *(latent_shape or self.latent_shape))
         noise_device = generator.device if generator is not None else self.device
         x_T = torch.randn(shape, generator=generator, device=noise_device).to(
@@ -428,6 +446,8 @@ class LatentDiffusion(pl.LightningModule):
                 guidance_scale=guidance_scale,
                 generator=generator,
                 callback=callback,
+                guidance_interval=guidance_interval,
+                guidance_rescale=guidance_rescale,
             )  # (N, c, h, w)
         finally:
             self.train(was_training)

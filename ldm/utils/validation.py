@@ -52,6 +52,22 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.stage in ("all", "diffusion"):
         check_unet(cfg, autoencoder)
         check_fid(cfg)
+        check_guidance_settings(cfg)
+
+
+def check_guidance_settings(cfg: DictConfig) -> None:
+    """Guidance interval / rescale of the model (sample()'s defaults) and of the FID callback."""
+    from ldm.diffusion.samplers import check_guidance
+
+    for prefix, node in (("model.diffusion", cfg.model.diffusion), ("fid", cfg.get("fid"))):
+        if node is None:
+            continue
+        interval, rescale = node.get("guidance_interval"), node.get("guidance_rescale")
+        interval = OmegaConf.to_container(interval) if OmegaConf.is_config(interval) else interval
+        try:
+            check_guidance(interval, 0.0 if rescale is None else rescale)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{prefix}.{err}") from None
 
 
 def find_missing(node: Any, prefix: str = "") -> list[str]:

@@ -35,6 +35,7 @@ from ldm.callbacks.resume import ExactResume, PreemptionCheckpoint
 from ldm.config import STAGES, stage_section
 from ldm.data.latent_cache import latent_cache_datamodule
 from ldm.models.loading import autoencoder_from_checkpoint, load_autoencoder
+from ldm.modules.text import fill_vocab
 from ldm.utils.checkpoint import load_checkpoint
 from ldm.utils.errors import UserError, config_errors
 from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers
@@ -329,6 +330,7 @@ def preflight(cfg: DictConfig) -> None:
             check_trainer_arguments(stage_section(cfg, stage, "trainer"), stage)
             stage_callbacks(cfg, stage)
     if "diffusion" in stages_to_train(cfg):
+        prepare_conditioner(cfg, stage_datamodule(cfg, "diffusion"))
         effective = with_stage1_autoencoder(cfg) if cfg.stage == "diffusion" else cfg
         with config_errors("model"):
             model = build_diffusion_model(
@@ -371,6 +373,21 @@ def train_diffusion(
         stage_data = latent_cache_datamodule(autoencoder, autoencoder_ckpt, datamodule, cache_dir)
     result = fit_stage("diffusion", cfg, model, stage_data, group, manifest, ckpt_path)
     return result, save_final_grid(model, datamodule, cfg)
+
+
+def prepare_conditioner(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
+    """Text conditioning: build the tokenizer's vocabulary from the training captions when the
+    config leaves it null, and store it in the config (so the checkpoint carries it). Runs before
+    stage 1, so data without captions fails at once."""
+    conditioner = OmegaConf.select(cfg, "model.diffusion.conditioner")
+    try:
+        vocab = fill_vocab(conditioner, datamodule)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    if vocab is not None:
+        log.info("text conditioner: %d-token vocabulary from the training captions", len(vocab))
+        with open_dict(cfg):
+            cfg.model.diffusion.conditioner.vocab = vocab
 
 
 def run(cfg: DictConfig) -> float | None:

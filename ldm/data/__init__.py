@@ -1,6 +1,7 @@
 """Data: ImageDataModule over pluggable sources (embedded MNIST-5k, sklearn digits, torchvision,
 folders, latents)."""
 
+from ldm.data.captions import MNIST5kCaptions
 from ldm.data.datamodule import ImageDataModule, split_indices
 from ldm.data.sources import (
     ImageFolder,
@@ -16,6 +17,7 @@ __all__ = [
     "ImageFolder",
     "LatentTensors",
     "MNIST5k",
+    "MNIST5kCaptions",
     "SklearnDigits",
     "TensorImageDataset",
     "TorchvisionSource",

@@ -55,6 +55,10 @@ class SampleConfig:
     # an int: every sample; a list: sample i gets list[i mod len] (num_samples entries: per sample).
     class_label: Any = None
     guidance_scale: float = 1.0  # classifier-free guidance: uncond + s * (cond - uncond); 1 = off
+    # Text-conditioned models only: one prompt for every sample, or a file of prompts (one a line,
+    # blank lines skipped) splitting num_samples into equal blocks, one grid row per prompt.
+    prompt: str | None = None
+    prompts_file: str | None = None
     out_dir: str = "${paths.log_dir}/sample/${now:%Y-%m-%d_%H-%M-%S}"
     grid_images: int = 100  # grid.png shows the first this-many samples (0: no grid.png)
     trajectory: bool = False  # trajectory.png: decoded x0 predictions of a few samples over steps
@@ -120,6 +124,8 @@ def check_settings(cfg: DictConfig) -> None:
     elif label is not None and not _is_int(label):
         raise UserError(f"class_label={label!r} must be null, an integer or a list of integers")
 
+    read_prompts(cfg)
+
     sweep = cfg.nfe_sweep
     if sweep is not None and (not sweep or not all(n > 0 for n in sweep)):
         raise UserError(
@@ -137,6 +143,35 @@ def check_settings(cfg: DictConfig) -> None:
         raise UserError(
             f"out_dir={cfg.out_dir!r} already exists and is not empty; choose a new out_dir"
         )
+
+
+def read_prompts(cfg: DictConfig) -> list[str] | None:
+    """The prompts of `prompt` / `prompts_file` (None: neither given); one-line errors."""
+    if cfg.prompt is not None and cfg.prompts_file is not None:
+        raise UserError("give prompt=... or prompts_file=..., not both")
+    if cfg.prompt is None and cfg.prompts_file is None:
+        return None
+    if _plain(cfg.class_label) is not None:
+        raise UserError("give class_label (class-conditional models) or a prompt, not both")
+    if cfg.prompt is not None:
+        if not str(cfg.prompt).strip():
+            raise UserError(
+                "prompt is empty: give a caption (omit prompt= for unconditional samples)"
+            )
+        prompts = [str(cfg.prompt).strip()]
+    else:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise UserError(f"prompts_file={cfg.prompts_file!r} does not exist or is not a file")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"prompts_file={cfg.prompts_file!r} has no prompts (one a line)")
+    if cfg.num_samples % len(prompts):
+        raise UserError(
+            f"num_samples={cfg.num_samples} is not a multiple of the {len(prompts)} prompts "
+            f"(each prompt gets num_samples / {len(prompts)} samples)"
+        )
+    return prompts
 
 
 # ---------------------------------------------------------------------------- torch-side checks
@@ -210,7 +245,35 @@ def resolve_labels(
 def conditioning_inputs(cfg: DictConfig, model: Any) -> dict[str, Any]:
     """The conditioning keyword arguments of `model.sample` for all num_samples samples, each a
     tensor or list of length num_samples (sliced per batch by `generate`); {} for an unconditional
-    model. The one place that turns settings into conditioning: add new kinds (prompts, ...) here."""
+    model. The one place that turns settings into conditioning: add new kinds here.
+
+    A text model gets `prompts` (sample i: prompt i // (num_samples / number of prompts))."""
+    prompts = read_prompts(cfg)
+    if getattr(model, "takes_prompts", False):
+        if _plain(cfg.class_label) is not None:
+            raise UserError(
+                "class_label given but the checkpoint's model is text-conditioned; use "
+                "prompt=... or prompts_file=..."
+            )
+        if prompts is None:
+            if cfg.guidance_scale != 1.0:
+                raise UserError(
+                    f"guidance_scale={cfg.guidance_scale} needs prompt=... or prompts_file=... "
+                    "(guidance pushes towards a caption)"
+                )
+            return {}
+        per = cfg.num_samples // len(prompts)
+        per_sample = [p for p in prompts for _ in range(per)]
+        try:
+            model.conditioner.check_conditions({"caption": per_sample})
+        except ValueError as err:
+            raise UserError(str(err)) from err
+        return {"prompts": per_sample}
+    if prompts is not None:
+        raise UserError(
+            f"prompt given but the checkpoint's model is {model.conditioning_name()}: it takes "
+            "no text" + (" (use class_label=...)" if model.num_classes else "")
+        )
     labels = resolve_labels(
         _plain(cfg.class_label), cfg.num_samples, model.num_classes, cfg.guidance_scale
     )
@@ -285,16 +348,28 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
 
 
 def write_outputs(
-    images: torch.Tensor, cfg: DictConfig, num_classes: int | None, out: Path
+    images: torch.Tensor,
+    cfg: DictConfig,
+    num_classes: int | None,
+    out: Path,
+    prompts: list[str] | None = None,
 ) -> list[str]:
     """Write the samples into `out`: one PNG per image and `grid.png` (on an even class spread a
-    column per class). Returns the files written, for samples.json. Add new output kinds here."""
-    from ldm.utils.images import save_png
+    column per class; with `prompts`, the prompt of every sample, a row per prompt labelled with
+    it). Returns the files written, for samples.json. Add new output kinds here."""
+    from ldm.utils.images import save_labelled_grid, save_png
 
     for i, image in enumerate(images):
         save_png(image, out / f"{i:05d}.png")
     files = [f"{0:05d}.png .. {len(images) - 1:05d}.png"]
-    if cfg.grid_images:
+    if cfg.grid_images and prompts is not None:
+        unique = list(dict.fromkeys(prompts))
+        per = len(images) // len(unique)
+        cols = min(per, max(1, cfg.grid_images // len(unique)), 16)
+        shown = images.view(len(unique), per, *images.shape[1:])[:, :cols].flatten(0, 1)
+        save_labelled_grid(shown, unique, cols, out / "grid.png")
+        files.append("grid.png")
+    elif cfg.grid_images:
         shown = images[: cfg.grid_images]
         spread = num_classes is not None and cfg.class_label is None
         nrow = min(num_classes, len(shown)) if spread else math.ceil(math.sqrt(len(shown)))
@@ -374,7 +449,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     recorder = TrajectoryRecorder(cfg.trajectory_samples) if cfg.trajectory else None
     images, seconds = generate(model, sampler, cfg, inputs, device, "sampling", recorder)
-    files = write_outputs(images, cfg, model.num_classes, out)
+    prompts = inputs.get("prompts")
+    files = write_outputs(images, cfg, model.num_classes, out, prompts)
     trajectory = None
     if recorder is not None:
         shown_t = save_trajectory(
@@ -413,6 +489,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "num_classes": model.num_classes,
         "guidance_scale": guidance_scale,
         "labels": labels.tolist() if labels is not None else None,
+        "prompts": list(dict.fromkeys(prompts)) if prompts is not None else None,
+        "samples_per_prompt": len(images) // len(set(prompts)) if prompts is not None else None,
         "timing": {
             "seconds": seconds,
             "images_per_second": len(images) / seconds,

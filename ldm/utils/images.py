@@ -64,6 +64,31 @@ def log_prompt_table(
         )
 
 
+def save_labelled_grid(
+    images: torch.Tensor, row_labels: list[str], nrow: int, path: str | Path
+) -> None:
+    """Images (N, C, H, W) in [-1, 1] as a PNG grid of `nrow` per row, each row's text label (a
+    prompt) written to its left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = torchvision.utils.make_grid(to_display_range(images.float()), nrow=nrow, padding=2)
+    hwc = (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    picture = Image.fromarray(hwc).convert("RGB")
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(picture)
+    width = max((int(draw.textlength(t, font=font)) for t in row_labels), default=0) + 8
+    canvas = Image.new("RGB", (picture.width + width, picture.height), (0, 0, 0))
+    canvas.paste(picture, (width, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_height = images.shape[-2] + 2
+    for r, text in enumerate(row_labels):
+        draw.text(
+            (4, 2 + r * row_height + row_height // 2 - 6), text, fill=(255, 255, 255), font=font
+        )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
 def save_png(image: torch.Tensor, path: str | Path) -> None:
     """One image (C, H, W) in [-1, 1] as an 8-bit PNG: grayscale for C=1 (torchvision's save_image
     would write 3 channels), RGB for C=3, rounded the way save_image rounds. No timestamp or other

@@ -118,7 +118,7 @@ def place(
     k = CANVAS / (28 * scale)  # (N,) input units per output unit
     cx = 2 * centre / CANVAS - 1
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = k, -shear * k, -k * cx
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = k, shear * k, -k * cx
     theta[:, 1, 1] = k
     grid = F.affine_grid(theta, [n, 1, CANVAS, CANVAS], align_corners=False)
     return F.grid_sample(digits + 1, grid, align_corners=False, padding_mode="zeros") - 1

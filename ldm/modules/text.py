@@ -239,7 +239,11 @@ class PretrainedTextConditioner(Conditioner):
             return_tensors="pt",
         ).to(device)
         out = self.encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        return {"context": out.last_hidden_state, "context_mask": tokens.attention_mask.bool()}
+        mask = tokens.attention_mask.bool()  # (B, L)
+        # A tokenizer without BOS/EOS leaves the empty caption no token: keep its first position,
+        # so no attention row is fully masked (softmax over nothing is NaN).
+        mask[:, 0] |= ~mask.any(dim=1)
+        return {"context": out.last_hidden_state, "context_mask": mask}
 
     def forward(
         self, batch: dict[str, Any], drop: torch.Tensor | None = None

@@ -1,0 +1,236 @@
+"""Text-to-image: tokenizer, captioned MNIST, the text conditioner, a debug=fast text run end to end
+(tokenizer restored from the checkpoint alone, prompts in sample.py, one-line prompt errors), and
+the frozen pretrained encoder option (skipped without `transformers`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from ldm.data.captions import LEVEL_WORDS, MNIST5kCaptions, measure_attributes, phrase, place
+from ldm.models.loading import load_latent_diffusion
+from ldm.modules.text import CaptionTokenizer, TextConditioner, train_vocab
+from ldm.sample import run as sample_run
+from ldm.train import run as train_run
+from ldm.utils.errors import UserError
+from tests.conftest import compose_config
+
+TEXT_FAST = [
+    "debug=fast",
+    "data=mnist5k_captions",
+    "conditioning=text",
+    "fid.every_n_epochs=0",
+    "model.diffusion.conditioner.dim=16",
+    "model.diffusion.conditioner.depth=1",
+    "model.diffusion.conditioner.num_heads=2",
+]
+
+
+# ------------------------------------------------------------------------------ tokenizer
+def test_tokenizer_round_trips_and_masks_padding():
+    vocab = train_vocab(["a thick 7", "the digit seven, slanted right", "a 3 left of a 7"])
+    assert vocab[:3] == ["[PAD]", "[BOS]", "[UNK]"]
+    tok = CaptionTokenizer(vocab, max_length=8)
+    ids, mask = tok.encode(["A Thick 7", "the digit seven, slanted right", ""])
+    assert ids.shape == mask.shape == (3, 8)
+    assert tok.decode(ids[0]) == "a thick 7"  # lower-cased
+    assert tok.decode(ids[1]) == "the digit seven , slanted right"
+    assert mask.sum(1).tolist() == [4, 7, 1]  # [BOS] + words; the empty caption keeps [BOS]
+    assert (ids[~mask] == 0).all()  # [PAD] everywhere the mask is False
+    assert tok.unknown_words("a purple 7") == ["purple"]
+    assert tok.decode(tok.encode(["a purple 7"])[0][0]) == "a 7"  # [UNK] dropped in decode
+    # a rebuilt tokenizer from the stored vocabulary encodes identically
+    assert torch.equal(CaptionTokenizer(list(vocab), 8).encode(["a thick 7"])[0], ids[:1])
+
+
+def test_text_conditioner_drops_to_the_empty_caption_and_masks():
+    torch.manual_seed(0)
+    cond = TextConditioner(
+        train_vocab(["a thick 7", "a thin 3"]), max_length=6, dim=8, depth=1, num_heads=2
+    )
+    out = cond({"caption": ["a thick 7", "a thin 3"]}, drop=torch.tensor([False, True]))
+    assert out["context"].shape == (2, 6, 8) and out["context_mask"].shape == (2, 6)
+    empty = cond.unconditional(1, "cpu")
+    torch.testing.assert_close(out["context"][1], empty["context"][0])
+    assert out["context_mask"][1].tolist() == [True] + [False] * 5
+    assert not torch.allclose(out["context"][0], empty["context"][0])
+
+
+# ------------------------------------------------------------------------------ captioned data
+@pytest.fixture(scope="module")
+def captioned():
+    return MNIST5kCaptions(seed=0).build()
+
+
+@pytest.mark.slow
+def test_captions_are_deterministic_from_the_seed(captioned):
+    again = MNIST5kCaptions(seed=0).build()
+    assert again.captions == captioned.captions and torch.equal(again.images, captioned.images)
+    other = MNIST5kCaptions(seed=1).build()
+    assert other.captions != captioned.captions
+
+
+def test_captions_hold_out_phrasings_and_combinations(captioned):
+    held = captioned.held_out
+    assert len(held.phrasings) == 2 and len(held.combos) == 6
+    text = set(captioned.captions)
+    for prefix, form in held.phrasings:  # a held-out phrasing occurs in no caption ...
+        for d in range(10):
+            bare = phrase(d, (prefix, form), [], None)
+            assert not any(c == bare or c.startswith(bare + " ") for c in text), bare
+    vocab = set(train_vocab(captioned.captions))
+    for prefix, form in held.phrasings:  # ... but all its words do
+        assert set(phrase(7, (prefix, form), [], None).split()) <= vocab
+    for digit, attribute, level in held.combos:  # a held-out (digit, level) is never named
+        words = LEVEL_WORDS[attribute][0 if level == 0 else 1]
+        for i in torch.nonzero((captioned.labels == digit) & (captioned.second < 0)).flatten():
+            if captioned.levels[i, ["thickness", "slant", "size"].index(attribute)] == level:
+                assert not any(w in captioned.captions[i] for w in words)
+    pairs = captioned.second >= 0
+    assert 0.15 < pairs.float().mean() < 0.25
+    assert all(
+        " left of " in c or " right of " in c
+        for c in (captioned.captions[i] for i in torch.nonzero(pairs).flatten()[:50])
+    )
+
+
+def test_measured_attributes_follow_the_augmentation(captioned):
+    digit = captioned.images.new_full((1, 1, 28, 28), -1.0)
+    digit[..., 4:24, 12:16] = 1.0  # a vertical bar
+    one = torch.tensor([1.0])
+    upright = place(digit, one, torch.zeros(1), 16.0)
+    right = place(digit, one, torch.tensor([0.3]), 16.0)
+    small = place(digit, torch.tensor([0.55]), torch.zeros(1), 16.0)
+    thick = place(torch.nn.functional.max_pool2d(digit, 3, 1, 1), one, torch.zeros(1), 16.0)
+    v = measure_attributes(torch.cat([upright, right, small, thick]))  # thickness, slant, size
+    assert v[1, 1] > 0.2 > abs(v[0, 1])  # sheared: top leans right
+    assert v[2, 2] < 0.7 * v[0, 2]  # smaller
+    assert v[3, 0] > v[0, 0] + 0.5  # thicker stroke
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text_run")
+    cfg = compose_config(TEXT_FAST, root)
+    train_run(cfg)
+    return root, root / "run" / "checkpoints" / "diffusion" / "last.ckpt"
+
+
+def sample_cfg(tmp_path: Path, ckpt: Path, *overrides: str):
+    return compose_config(
+        [
+            f"ckpt={ckpt}",
+            f"out_dir={tmp_path / 'out'}",
+            "device=cpu",
+            "sampler.steps=3",
+            *overrides,
+        ],
+        tmp_path,
+        config_name="sample",
+    )
+
+
+def test_debug_fast_text_run_restores_tokenizer_and_samples_prompts(text_run, tmp_path):
+    root, ckpt = text_run
+    model, stored = load_latent_diffusion(ckpt)
+    assert isinstance(model.conditioner, TextConditioner)
+    # the vocabulary is the one of the training captions, read back from the checkpoint alone
+    dm = compose_config(TEXT_FAST, tmp_path / "dm").data
+    from hydra.utils import instantiate
+
+    from ldm.modules.text import dataset_captions
+
+    assert model.conditioner.tokenizer.vocab == train_vocab(dataset_captions(instantiate(dm)))
+    assert stored["ldm"]["config"]["model"]["diffusion"]["conditioner"]["vocab"]
+    assert list((root / "run").rglob("val_samples_*.png"))  # the validation grid had prompts
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a thick 7\n\nnumber three\n")
+    record = sample_run(
+        sample_cfg(tmp_path, ckpt, f"prompts_file={prompts}", "num_samples=4", "guidance_scale=3")
+    )
+    assert record["prompts"] == ["a thick 7", "number three"]
+    assert record["samples_per_prompt"] == 2
+    saved = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert saved["prompts"] == record["prompts"] and (tmp_path / "out" / "grid.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["prompt=''"], "prompt is empty"),
+        (["prompt='a purple 7'"], "never saw in training: 'purple'"),
+        (["class_label=3"], "text-conditioned; use prompt="),
+        (["guidance_scale=2"], "needs prompt="),
+    ],
+)
+def test_prompt_errors_are_one_line(text_run, tmp_path, overrides, message):
+    _, ckpt = text_run
+    cfg = sample_cfg(tmp_path, ckpt, *overrides)
+    with pytest.raises(UserError, match=message) as err:
+        sample_run(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompt_to_a_class_conditional_model_is_one_line(tmp_path):
+    fixture = Path(__file__).parent / "fixtures" / "diffusion_6fef1e3_debug_fast.ckpt"
+    cfg = sample_cfg(tmp_path, fixture, "prompt=seven")
+    with pytest.raises(UserError, match=r"class-conditional .* takes no text") as err:
+        sample_run(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_text_conditioning_on_data_without_captions_fails_before_stage_1(tmp_path):
+    cfg = compose_config(["debug=fast", "conditioning=text", "fid.every_n_epochs=0"], tmp_path)
+    with pytest.raises(UserError, match="needs captioned data"):
+        train_run(cfg)
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+# ------------------------------------------------------------------------------ pretrained
+def test_frozen_pretrained_encoder_from_a_local_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from ldm.modules.text import PretrainedTextConditioner
+
+    words = ["[PAD]", "[UNK]", "a", "thick", "7", "3"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]"
+    )
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    transformers.CLIPTextModel(config).save_pretrained(tmp_path)
+    fast.save_pretrained(tmp_path)
+    cond = PretrainedTextConditioner(str(tmp_path), context_dim=16, max_length=6)
+    assert not any(p.requires_grad for p in cond.parameters())
+    out = cond({"caption": ["a thick 7", "a 3"]}, drop=torch.tensor([False, True]))
+    assert out["context"].shape == (2, 6, 16)
+    assert out["context_mask"][0].tolist() == [True] * 3 + [False] * 3
+    assert out["context_mask"][1].tolist() == [True] + [False] * 5  # the empty caption
+    assert torch.isfinite(out["context"]).all()
+    with pytest.raises(ValueError, match="context_dim=32 but the model"):
+        PretrainedTextConditioner(str(tmp_path), context_dim=32)
+
+
+def test_overrides_compose_for_text(tmp_path):
+    cfg = compose_config(TEXT_FAST, tmp_path)
+    with open_dict(cfg):
+        assert cfg.model.diffusion.unet.context_dim == 16
+        assert cfg.model.diffusion.unet.num_classes is None
+        assert cfg.model.diffusion.latent_cache is False

@@ -59,6 +59,10 @@ class SampleConfig:
     # blank lines skipped) splitting num_samples into equal blocks, one grid row per prompt.
     prompt: str | None = None
     prompts_file: str | None = None
+    # Text models on captioned MNIST: sample the evaluation prompts (ldm.metrics.text) with
+    # guidance_scale and score digit/attribute/composition accuracy -> text_metrics.json
+    text_metrics: bool = False
+    text_metrics_per_prompt: int = 4
     out_dir: str = "${paths.log_dir}/sample/${now:%Y-%m-%d_%H-%M-%S}"
     grid_images: int = 100  # grid.png shows the first this-many samples (0: no grid.png)
     trajectory: bool = False  # trajectory.png: decoded x0 predictions of a few samples over steps
@@ -92,7 +96,13 @@ def check_settings(cfg: DictConfig) -> None:
     """The checks the schema's types cannot do; UserError (one line) on the first bad value."""
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
         raise UserError("ckpt is required: python sample.py ckpt=PATH (a stage-2 checkpoint)")
-    for key in ("num_samples", "batch_size", "trajectory_samples", "trajectory_steps"):
+    for key in (
+        "num_samples",
+        "batch_size",
+        "trajectory_samples",
+        "trajectory_steps",
+        "text_metrics_per_prompt",
+    ):
         if cfg[key] <= 0:
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
     steps = cfg.sampler.steps  # the sampler group is not typed by the schema
@@ -256,7 +266,7 @@ def conditioning_inputs(cfg: DictConfig, model: Any) -> dict[str, Any]:
                 "prompt=... or prompts_file=..."
             )
         if prompts is None:
-            if cfg.guidance_scale != 1.0:
+            if cfg.guidance_scale != 1.0 and not cfg.text_metrics:
                 raise UserError(
                     f"guidance_scale={cfg.guidance_scale} needs prompt=... or prompts_file=... "
                     "(guidance pushes towards a caption)"
@@ -404,6 +414,26 @@ def write_json(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def build_text_evaluation(ckpt: Any, path: Path, metrics_cfg: DictConfig, model: Any) -> tuple:
+    """(classifier, held-out choices, attribute thresholds) for `text_metrics=true`."""
+    from ldm.metrics.text import text_eval_inputs
+    from ldm.utils.instantiate import safe_instantiate
+
+    if not getattr(model, "takes_prompts", False):
+        raise UserError(
+            f"text_metrics=true needs a text-conditioned model; this one is "
+            f"{model.conditioning_name()}"
+        )
+    data_cfg = ckpt["ldm"]["config"].get("data")
+    try:
+        datamodule = safe_instantiate(data_cfg, where=f"checkpoint {str(path)!r} (data)")
+        return text_eval_inputs(datamodule, metrics_cfg)
+    except ValueError as err:
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"text_metrics: {str(err).splitlines()[0]}") from err
+
+
 # ---------------------------------------------------------------------------- entry
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Validate, generate, write; returns the content of samples.json (plus metrics / sweep rows)."""
@@ -434,6 +464,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             raise UserError(f"{what}: {str(err).splitlines()[0]}") from err
     sampler = samplers.pop(None)
     sweep_samplers = samplers
+    text_eval = None
+    if cfg.text_metrics:
+        text_eval = build_text_evaluation(ckpt, ckpt_path, cfg.metrics, model)
     evaluate = None
     if cfg.fid or sweep_samplers:
         from ldm.metrics.sample_scores import build_evaluator
@@ -526,6 +559,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"FID {scores['fid']:.3f}, KID {scores['kid']:.5f}{cas} (N={scores['N']} vs "
             f"{scores['num_real']} real, {cfg.metrics.extractor} features)"
         )
+
+    if text_eval is not None:
+        from ldm.metrics.text import evaluate_text_model, summary_line
+
+        with autocast(device, cfg.precision):
+            result = evaluate_text_model(
+                model,
+                *text_eval,
+                per_prompt=cfg.text_metrics_per_prompt,
+                guidance_scale=cfg.guidance_scale,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                sampler=sampler,
+            )
+        write_json(result, out / "text_metrics.json")
+        record["text_metrics"] = result
+        record["files"].append("text_metrics.json")
+        print(summary_line(result))
 
     if sweep_samplers:
         from ldm.metrics.nfe_sweep import run_nfe_sweep, write_nfe_sweep

@@ -234,3 +234,50 @@ def test_overrides_compose_for_text(tmp_path):
         assert cfg.model.diffusion.unet.context_dim == 16
         assert cfg.model.diffusion.unet.num_classes is None
         assert cfg.model.diffusion.latent_cache is False
+
+
+# ------------------------------------------------------------------------------ text metrics
+class OracleClassifier(torch.nn.Module):
+    """Stands in for ClassifierFeatures: answers the given digits in order (wrapping around)."""
+
+    def __init__(self, digits: list[int]):
+        super().__init__()
+        self.digits, self.pos = torch.tensor(digits), 0
+
+    def prepare(self, x):
+        return x
+
+    def classifier(self, x):
+        idx = (torch.arange(len(x)) + self.pos) % len(self.digits)
+        self.pos += len(x)
+        return torch.nn.functional.one_hot(self.digits[idx], 10).float()
+
+
+def test_text_scores_follow_the_prompts_and_the_shuffled_control_is_at_chance(captioned):
+    from ldm.metrics.text import evaluation_prompts, score
+
+    prompts = evaluation_prompts(captioned.held_out, seed=0)
+    groups = {p.group for p in prompts}
+    assert groups == {
+        "seen_phrasing",
+        "heldout_phrasing",
+        "seen_attribute",
+        "heldout_combo",
+        "composition",
+    }
+    per = 3
+    # "samples": real single digits of the prompted attribute level; the oracle classifier
+    # answers the prompted digit
+    single = (captioned.second < 0).nonzero()[0, 0]
+    images = []
+    for p in prompts:
+        match = single
+        if p.attribute >= 0:
+            match = (captioned.levels[:, p.attribute] == p.level).nonzero()[0, 0]
+        images += [captioned.images[match]] * per
+    digits = [p.digit for p in prompts for _ in range(per)]
+    out = score(prompts, torch.stack(images), per, OracleClassifier(digits), captioned.thresholds)
+    assert out["seen_phrasing/digit_acc"] == 1.0 and out["heldout_phrasing/digit_acc"] == 1.0
+    assert out["seen_attribute/attribute_acc"] == 1.0 == out["heldout_combo/attribute_acc"]
+    assert out["shuffled/digit_acc"] < 0.3 and out["shuffled/attribute_acc"] < 0.6
+    assert out["N"] == len(prompts) * per

@@ -1,9 +1,9 @@
 """Text-following metrics during training (ldm.metrics.text), logged as `val/text/*`.
 
-Runs in on_validation_epoch_start, every `every_n_epochs` and after the last epoch, for
-text-conditioned models on captioned MNIST. Listed after the EMA callback (conf/conditioning/
-text.yaml appends it), so the EMA weights, swapped in by that callback's own
-on_validation_epoch_start, are the ones evaluated, as for the module's sample grid.
+Runs in on_validation_epoch_end, every `every_n_epochs` and after the last epoch, for
+text-conditioned models on captioned MNIST. Like the FID callback it must come before the EMA
+callback in the list (conf/conditioning/text.yaml adds it, and `conditioning` precedes `callbacks`
+in train.yaml's defaults, so it does): the EMA weights are still swapped in then.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class TextMetricsCallback(pl.Callback):
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
         return last or epoch % self.every_n_epochs == 0
 
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not getattr(pl_module, "takes_prompts", False) or not self.due(trainer):
             return
         from ldm.metrics.text import evaluate_text_model, summary_line, text_eval_inputs

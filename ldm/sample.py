@@ -63,12 +63,19 @@ class SampleConfig:
     # guidance_scale and score digit/attribute/composition accuracy -> text_metrics.json
     text_metrics: bool = False
     text_metrics_per_prompt: int = 4
+    # Guidance that keeps diversity (LatentDiffusion.sample); null: the checkpoint's model setting
+    # (model.diffusion.guidance_*, off unless trained with it). [sigma_lo, sigma_hi]: guide only at
+    # steps with sigma = sqrt((1 - abar) / abar) in (lo, hi], null = open end (Kynkaenniemi et al.
+    # 2024); [null, null]: every step. guidance_rescale: CFG rescale phi in [0, 1] (Lin et al. 2023).
+    guidance_interval: Any = None
+    guidance_rescale: float | None = None
     out_dir: str = "${paths.log_dir}/sample/${now:%Y-%m-%d_%H-%M-%S}"
     grid_images: int = 100  # grid.png shows the first this-many samples (0: no grid.png)
     trajectory: bool = False  # trajectory.png: decoded x0 predictions of a few samples over steps
     trajectory_samples: int = 4  # rows of trajectory.png
     trajectory_steps: int = 10  # columns of trajectory.png (evenly spaced steps, last included)
-    # FID/KID/CAS of the samples against the train split of the checkpoint's dataset -> metrics.json
+    # FID/KID/CAS and precision/recall/density/coverage of the samples against the train split of
+    # the checkpoint's dataset -> metrics.json
     fid: bool = False
     # null or a list of step counts: FID and wall time of num_samples images at each -> nfe_sweep.*
     nfe_sweep: list[int] | None = None
@@ -290,6 +297,23 @@ def conditioning_inputs(cfg: DictConfig, model: Any) -> dict[str, Any]:
     return {} if labels is None else {"class_labels": labels}
 
 
+def effective_guidance(cfg: DictConfig, model: Any) -> dict[str, Any]:
+    """The guidance interval and rescale sampling will use (cfg's, else the model's), checked."""
+    from ldm.diffusion.samplers import check_guidance
+
+    interval = _plain(cfg.guidance_interval)
+    rescale = cfg.guidance_rescale
+    try:
+        check_guidance(interval, 0.0 if rescale is None else rescale)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if interval is None:
+        interval = model.hparams.get("guidance_interval")
+    if rescale is None:
+        rescale = model.hparams.get("guidance_rescale", 0.0)
+    return {"guidance_interval": _plain(interval), "guidance_rescale": float(rescale)}
+
+
 # ---------------------------------------------------------------------------- generation
 @dataclass
 class TrajectoryRecorder:
@@ -337,6 +361,8 @@ def generate(
                 min(bs, n - i),
                 **batch_inputs,
                 guidance_scale=scale,
+                guidance_interval=_plain(cfg.guidance_interval),
+                guidance_rescale=cfg.guidance_rescale,
                 generator=generator,
                 sampler=sampler,
                 callback=callback if i == 0 else None,
@@ -451,6 +477,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = latent_diffusion_from_checkpoint(ckpt, ckpt_path, use_ema=cfg.use_ema).to(device)
     inputs = conditioning_inputs(cfg, model)
     labels = inputs.get("class_labels")
+    guidance = effective_guidance(cfg, model)
     samplers = {}  # None: the main run's; n: the NFE sweep's n-step one
     sampler_factory = instantiate(cfg.sampler)  # ldm.diffusion.samplers.build_sampler, partial
     for steps in [None, *(cfg.nfe_sweep or [])]:
@@ -521,6 +548,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "image_shape": list(images.shape[1:]),
         "num_classes": model.num_classes,
         "guidance_scale": guidance_scale,
+        **guidance,
         "labels": labels.tolist() if labels is not None else None,
         "prompts": list(dict.fromkeys(prompts)) if prompts is not None else None,
         "samples_per_prompt": len(images) // len(set(prompts)) if prompts is not None else None,
@@ -541,6 +569,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
 
     if cfg.fid:
+        from ldm.metrics.prdc import PRDC_KEYS
+
         scores = evaluate(images, labels)
         metrics = {
             **scores,
@@ -549,12 +579,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "sampler": cfg.sampler.name,
             "steps": sampler.steps,
             "guidance_scale": guidance_scale,
+            **guidance,
             "checkpoint_sha256": record["checkpoint"]["sha256"],
         }
         write_json(metrics, out / "metrics.json")
         record["metrics"] = metrics
         record["files"].append("metrics.json")
         cas = f", CAS {scores['cas']:.3f}" if scores["cas"] is not None else ""
+        cas += "".join(f", {key} {scores[key]:.3f}" for key in PRDC_KEYS)
         print(
             f"FID {scores['fid']:.3f}, KID {scores['kid']:.5f}{cas} (N={scores['N']} vs "
             f"{scores['num_real']} real, {cfg.metrics.extractor} features)"
@@ -590,6 +622,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "N": cfg.num_samples,
             "extractor": cfg.metrics.extractor,
             "guidance_scale": guidance_scale,
+            **guidance,
             "device": str(device),
         }
         record["nfe_sweep"] = rows

@@ -143,6 +143,22 @@ def test_guidance_and_labels(checkpoints, tmp_path):
     assert guided["guidance_scale"] == 3.0
     assert png_bytes(tmp_path / "g3") != png_bytes(tmp_path / "g1")
 
+    # Guidance interval above every step's sigma: unguided; rescale changes the images.
+    never_cfg = sample_cfg(
+        tmp_path, ckpt, *labels, "guidance_scale=3", "guidance_interval=[1e9,null]", out="never"
+    )
+    never = run(never_cfg)
+    assert never["guidance_interval"] == [1e9, None] and never["guidance_rescale"] == 0.0
+    assert png_bytes(tmp_path / "never") == png_bytes(tmp_path / "g1")
+    rescaled = run(
+        sample_cfg(tmp_path, ckpt, *labels, "guidance_scale=3", "guidance_rescale=0.7", out="r")
+    )
+    assert rescaled["guidance_rescale"] == 0.7 and guided["guidance_interval"] is None
+    assert png_bytes(tmp_path / "r") not in (png_bytes(tmp_path / "g3"), png_bytes(tmp_path / "g1"))
+    with pytest.raises(UserError, match=r"^guidance_interval=\[2.0, 1.0\] needs 0 <= sigma_lo"):
+        run(sample_cfg(tmp_path, ckpt, "guidance_interval=[2.0,1.0]", out="bad"))
+    assert not (tmp_path / "bad").exists()
+
     # guidance_scale=1 is plain conditional sampling: the model's own sample() with these labels
     model, _ = load_latent_diffusion(ckpt)
     sampler = hydra.utils.instantiate(sample_cfg(tmp_path, ckpt, out="unused").sampler)(
@@ -313,6 +329,9 @@ def test_fid_and_nfe_sweep(checkpoints, tmp_path, capsys):
     assert metrics["N"] == 6 and metrics["num_real"] > 1000  # digits train split
     assert metrics["fid"] > 0 and metrics["kid"] == pytest.approx(metrics["kid"])
     assert 0.0 <= metrics["cas"] <= 1.0  # conditional model on labelled data
+    # 6 samples against 6 of the reals (equal sizes), k = 3: every score is defined.
+    assert all(0.0 <= metrics[k] <= 2.0 for k in ("precision", "recall", "density", "coverage"))
+    assert metrics["guidance_interval"] is None and metrics["guidance_rescale"] == 0.0
     assert metrics["checkpoint_sha256"] == record["checkpoint"]["sha256"]
 
     sweep = json.loads((out / "nfe_sweep.json").read_text())
@@ -321,9 +340,12 @@ def test_fid_and_nfe_sweep(checkpoints, tmp_path, capsys):
     assert all(r["N"] == 6 and r["seconds"] > 0 for r in rows)
     # 4 steps with the same seed and settings regenerates the main run's images: same FID
     assert rows[1]["fid"] == pytest.approx(metrics["fid"], rel=1e-9)
+    assert rows[1]["recall"] == metrics["recall"] and rows[1]["coverage"] == metrics["coverage"]
     csv_lines = (out / "nfe_sweep.csv").read_text().splitlines()
     assert (
-        csv_lines[0] == "steps,nfe,fid,kid,cas,seconds,images_per_second,N" and len(csv_lines) == 3
+        csv_lines[0]
+        == "steps,nfe,fid,kid,cas,precision,recall,density,coverage,seconds,images_per_second,N"
+        and len(csv_lines) == 3
     )
     assert Image.open(out / "nfe_sweep.png").size[0] > 500
     printed = capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""NFE sweep: FID and wall time of the same N samples at several sampler step counts.
+"""NFE sweep: FID, precision/recall/coverage and wall time of the same N samples at several sampler
+step counts.
 
 `python sample.py ckpt=PATH nfe_sweep=[10,20,50,100] num_samples=500` runs it after the main
 samples: each row regenerates N images with the same seed and labels at one step count, scores them
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ldm.metrics.prdc import PRDC_KEYS
 from ldm.utils.tables import format_table
 
 # generate(sampler, progress description) -> (images (N, C, H, W) in [-1, 1], seconds)
@@ -25,10 +27,14 @@ TABLE_COLUMNS = [
     ("fid", "FID"),
     ("kid", "KID"),
     ("cas", "CAS"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("density", "density"),
+    ("coverage", "coverage"),
     ("seconds", "seconds"),
     ("images_per_second", "img/s"),
 ]
-# evaluate(images, labels) -> {"fid", "kid", "cas", "N", ...}
+# evaluate(images, labels) -> {"fid", "kid", "cas", "precision", "recall", ..., "N", ...}
 Evaluate = Callable[[torch.Tensor, torch.Tensor | None], Mapping[str, Any]]
 
 
@@ -38,7 +44,8 @@ def run_nfe_sweep(
     evaluate: Evaluate,
     labels: torch.Tensor | None,
 ) -> list[dict[str, Any]]:
-    """One row per step count: steps, nfe, fid, kid, cas, seconds, images_per_second, N."""
+    """One row per step count: steps, nfe, fid, kid, cas, precision, recall, density, coverage,
+    seconds, images_per_second, N."""
     rows = []
     for steps, sampler in samplers.items():
         images, seconds = generate(sampler, f"nfe sweep: {steps} steps")
@@ -50,6 +57,7 @@ def run_nfe_sweep(
                 "fid": scores["fid"],
                 "kid": scores["kid"],
                 "cas": scores["cas"],
+                **{key: scores[key] for key in PRDC_KEYS},
                 "seconds": seconds,
                 "images_per_second": len(images) / seconds,
                 "N": scores["N"],
@@ -87,7 +95,7 @@ def plot_nfe_sweep(rows: list[dict[str, Any]], title: str, path: Path) -> None:
 
 def write_nfe_sweep(rows: list[dict[str, Any]], info: dict[str, Any], out: Path) -> list[str]:
     """`nfe_sweep.json` (info + rows), `.csv` (rows) and `.png` (plot) in `out`; the file names.
-    `info` holds sampler, N, extractor, guidance_scale and device."""
+    `info` holds sampler, N, extractor, guidance settings and device."""
     (out / "nfe_sweep.json").write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
     with open(out / "nfe_sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

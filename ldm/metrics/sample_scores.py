@@ -1,4 +1,5 @@
-"""FID/KID/CAS of generated images against the train split of a stage-2 checkpoint's own dataset.
+"""FID/KID/CAS and precision/recall/density/coverage of generated images against the train split
+of a stage-2 checkpoint's own dataset.
 
 `build_evaluator(ckpt, ...)` rebuilds the data module from the config stored in the checkpoint
 (allowlisted targets only), gets the feature extractor (training the FID classifier once, cached)
@@ -16,12 +17,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.metrics.prdc import PRDC_KEYS
 from ldm.utils.errors import UserError
 
 
 @dataclass
 class Evaluator:
-    """`evaluate(images, labels)` -> {fid, kid, kid_std, cas, N, num_real} (ldm.metrics.fid)."""
+    """`evaluate(images, labels)` -> {fid, kid, kid_std, cas, precision, recall, density, coverage,
+    N, num_real} (ldm.metrics.fid, ldm.metrics.prdc)."""
 
     extractor: Any
     classifier: Any
@@ -44,12 +47,14 @@ class Evaluator:
             kid_subsets=self.metrics_cfg.kid_subsets,
             kid_subset_size=self.metrics_cfg.kid_subset_size,
             seed=self.metrics_cfg.seed,
+            nearest_k=self.metrics_cfg.get("nearest_k", 3),
         )
         return {
             "fid": scores["fid"],
             "kid": scores["kid"],
             "kid_std": scores["kid_std"],
             "cas": scores.get("cas"),
+            **{key: scores[key] for key in PRDC_KEYS},
             "N": scores["num_samples"],
             "num_real": scores["num_real"],
         }

@@ -260,17 +260,75 @@ class ModelSteps:
             self.call(self.forward, self.inputs["x"], self.inputs["t"], self.inputs["y"])
 
     def flops_per_image(self) -> tuple[float, float]:
-        """(forward, forward + backward) FLOPs per image, counted on the eager model
-        (torch.utils.flop_counter: convolutions, matmuls, attention)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
+        """(forward, forward + backward) FLOPs per image, counted on the eager model by
+        `count_flops` (convolutions, matmuls, attention, on any device)."""
         x, t, y, eps = (self.inputs[k] for k in ("x", "t", "y", "eps"))
-        with FlopCounterMode(display=False) as fwd, torch.no_grad():
-            self.call(self.model, x, t, y)
-        with FlopCounterMode(display=False) as train:
-            F.mse_loss(self.call(self.model, x, t, y).float(), eps).backward()
+        with torch.no_grad():
+            fwd = count_flops(lambda: self.call(self.model, x, t, y))
+        train = count_flops(
+            lambda: F.mse_loss(self.call(self.model, x, t, y).float(), eps).backward()
+        )
         self.model.zero_grad(set_to_none=True)
-        return fwd.get_total_flops() / len(x), train.get_total_flops() / len(x)
+        return fwd / len(x), train / len(x)
+
+
+# ---------------------------------------------------------------------------- FLOP counting
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def cpu_attention_flop_mapping() -> dict[Any, Callable[..., int]]:
+    """Formulas for the CPU kernels of F.scaled_dot_product_attention, which FlopCounterMode's
+    registry lacks (torch 2.14 counts the CUDA flash / efficient / cuDNN kernels only, so on CPU
+    the attention products count 0): the same sdpa formulas it uses for the CUDA kernels
+    (4 B nh N M d forward, 2x that backward, plus the recomputed scores)."""
+    aten = torch.ops.aten
+    mapping: dict[Any, Callable[..., int]] = {}  # FlopCounterMode passes the formulas shapes
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            _cpu_sdpa_backward_flops
+        )
+    return mapping
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of running `fn()` (multiply-adds count 2), by torch.utils.flop_counter.FlopCounterMode
+    with the CPU attention kernels added (`cpu_attention_flop_mapping`). Counted: convolutions,
+    matmuls (linear, bmm, addmm), attention; not counted: elementwise ops, norms, softmax alone."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_mapping()) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def conv2d_flops(
+    batch: int, c_in: int, c_out: int, h_out: int, w_out: int, kernel: int, groups: int = 1
+) -> int:
+    """Hand count of a Conv2d forward: 2 x (multiply-adds) = 2 B C_out H_out W_out (C_in / g) k^2
+    (the bias add is not counted, as FlopCounterMode does not)."""
+    return 2 * batch * c_out * h_out * w_out * (c_in // groups) * kernel * kernel
+
+
+def linear_flops(rows: int, d_in: int, d_out: int) -> int:
+    """Hand count of y = x W^T (+ b) over `rows` rows: 2 rows d_in d_out."""
+    return 2 * rows * d_in * d_out
+
+
+def attention_flops(batch: int, heads: int, tokens: int, head_dim: int) -> int:
+    """Hand count of softmax(Q K^T / sqrt(d)) V forward: Q K^T and (scores) V are each
+    2 B nh N^2 d (the softmax is not counted)."""
+    return 2 * (2 * batch * heads * tokens * tokens * head_dim)
 
 
 def denoiser_inputs(

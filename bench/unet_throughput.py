@@ -13,7 +13,11 @@ Variants:
   a diffusers user gets), same learning rate.
 Peak memory: on CPU the ru_maxrss growth of a fresh process per (model, mode); on CUDA
 torch.cuda.max_memory_allocated. FLOPs per image are counted with torch.utils.flop_counter
-(forward; forward + backward for training); MFU = train FLOPs/image x images/s / --peak-tflops.
+(forward; forward + backward for training; `common.count_flops`, which adds the CPU attention
+kernels FlopCounterMode leaves at 0); MFU = train FLOPs/image x images/s / --peak-tflops.
+Measured GEMM peak: a square matmul (--gemm-size, the run's dtype, threads and clock) is timed in
+the same alternating rounds as the models, so load drifts hit it alike; each row reports its train
+and sample FLOP/s as a fraction of that measured peak (`train / GEMM`, `sample / GEMM`).
 
     python bench/unet_throughput.py --quick
     python bench/unet_throughput.py                      # CPU full mode
@@ -54,6 +58,21 @@ from ldm.modules.unet import UNet
 
 VARIANTS = ("ours", "ours_foreach", "diffusers")
 LATENT_SIZE = 8  # MNIST-5k 32x32 at f=4, the project default
+
+
+class Gemm:
+    """C = A B for n x n matrices in the bench's dtype on its device: 2 n^3 FLOPs per `step`,
+    the reference for what this machine's matmul kernels reach with these threads."""
+
+    def __init__(self, n: int, device: str, dtype: str, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        self.a, self.b = (torch.randn(n, n, generator=g).to(device, torch_dtype) for _ in "ab")
+        self.c = torch.empty_like(self.a)
+        self.flops = 2 * n**3
+
+    def step(self) -> None:
+        torch.mm(self.a, self.b, out=self.c)
 
 
 def build_optimizer(
@@ -138,6 +157,8 @@ def run_config(preset: str, batch: int, args: Any) -> list[dict[str, Any]]:
     benches = {v: build(v, unet_kwargs, optimizer_cfg, batch, args) for v in VARIANTS}
     # Same weights for the two `ours` variants (they differ only in the optimizer).
     benches["ours_foreach"].model.load_state_dict(copy.deepcopy(benches["ours"].model.state_dict()))
+    gemm = Gemm(args.gemm_size, args.device, args.dtype, args.seed)
+    gemm.step()  # warm-up
     warm = {}
     for name, bench in benches.items():
         start = time.perf_counter()
@@ -148,11 +169,15 @@ def run_config(preset: str, batch: int, args: Any) -> list[dict[str, Any]]:
         warm[name] = time.perf_counter() - start
     train = alternate(
         {
-            n: (lambda b=b: timed(b.train_step, args.device, args.repeats, args.clock))
-            for n, b in benches.items()
+            **{
+                n: (lambda b=b: timed(b.train_step, args.device, args.repeats, args.clock))
+                for n, b in benches.items()
+            },
+            "gemm": lambda: timed(gemm.step, args.device, args.gemm_repeats, args.clock),
         },
         args.rounds,
     )
+    gemm_flops_s = gemm.flops / median(train.pop("gemm"))
     sample = alternate(
         {
             n: (lambda b=b: timed(b.sample_step, args.device, args.repeats, args.clock))
@@ -182,6 +207,12 @@ def run_config(preset: str, batch: int, args: Any) -> list[dict[str, Any]]:
             "fwd_gflops_per_image": fwd_flops / 1e9,
             "train_gflops_per_image": train_flops / 1e9,
             "train_tflops_achieved": train_flops * train_ips / 1e12,
+            "gemm_size": args.gemm_size,
+            "gemm_gflops_s": gemm_flops_s / 1e9,
+            "train_gflops_s": train_flops * train_ips / 1e9,
+            "sample_gflops_s": fwd_flops * sample_ips / 1e9,
+            "train_frac_gemm": train_flops * train_ips / gemm_flops_s,
+            "sample_frac_gemm": fwd_flops * sample_ips / gemm_flops_s,
             "mfu": train_flops * train_ips / (args.peak_tflops * 1e12)
             if args.peak_tflops
             else None,
@@ -217,7 +248,11 @@ COLUMNS = [
     ("train_peak_mib", "train peak MiB"),
     ("sample_peak_mib", "sample peak MiB"),
     ("fwd_gflops_per_image", "fwd GFLOP/img"),
-    ("train_tflops_achieved", "train TFLOP/s"),
+    ("gemm_gflops_s", "GEMM GFLOP/s"),
+    ("train_gflops_s", "train GFLOP/s"),
+    ("train_frac_gemm", "train / GEMM"),
+    ("sample_gflops_s", "sample GFLOP/s"),
+    ("sample_frac_gemm", "sample / GEMM"),
     ("mfu", "MFU"),
 ]
 
@@ -253,6 +288,10 @@ def main() -> None:
         help="device peak for MFU (e.g. H100 bf16 dense: 989)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument(
+        "--gemm-size", type=int, default=2048, help="n of the n x n matmul whose FLOP/s is the peak"
+    )
+    parser.add_argument("--gemm-repeats", type=int, default=3, help="matmuls per GEMM measurement")
     args = parser.parse_args()
     setup_run(args, args.device)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -267,7 +306,10 @@ def main() -> None:
         for batch in args.batch_sizes or default_batches.get(preset, [32]):
             rows += run_config(preset, batch, args)
     unit = "img/s" if args.clock == "wall" else "img/CPU-s"
-    table = format_table(rows, [(k, h.replace("img/s", unit)) for k, h in COLUMNS])
+    flop_unit = "GFLOP/s" if args.clock == "wall" else "GFLOP/CPU-s"
+    table = format_table(
+        rows, [(k, h.replace("img/s", unit).replace("GFLOP/s", flop_unit)) for k, h in COLUMNS]
+    )
     print(table)
     path = write_results(
         "unet_throughput",

@@ -16,12 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def zero_init(module: nn.Module) -> nn.Module:
-    """Zero a layer's parameters so its residual branch starts as the identity."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
+from ldm.modules.blocks import group_norm, zero_module
 
 
 class MultiHeadAttention(nn.Module):
@@ -98,12 +93,12 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         if depth < 1:
             raise ValueError(f"transformer_depth={depth} must be >= 1")
-        self.norm = nn.GroupNorm(num_groups, channels)
+        self.norm = group_norm(channels, num_groups)
         self.proj_in = nn.Linear(channels, channels)
         self.blocks = nn.ModuleList(
             [TransformerBlock(channels, num_heads, context_dim) for _ in range(depth)]
         )
-        self.proj_out = zero_init(nn.Linear(channels, channels))
+        self.proj_out = zero_module(nn.Linear(channels, channels))
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None

@@ -100,6 +100,17 @@ def test_old_per_stage_spelling_names_the_new_key():
         )
         assert run.returncode == 2
         assert run.stderr == f"error: {typed.split('=')[0].lstrip('+')} was renamed: use {new}\n"
+    run = subprocess.run(
+        [sys.executable, "train.py", "model.autoencoder.lr_schedule=constant", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 2
+    assert run.stderr.startswith(
+        "error: model.autoencoder.lr_schedule was replaced: use model.autoencoder.lr_scheduler"
+    )
 
 
 @pytest.mark.parametrize(

@@ -38,8 +38,9 @@ def check_group_overrides(argv: list[str], conf_dir: Path) -> None:
             ):
                 continue
             if option not in options:
+                choices = ", ".join(options)
                 raise UserError(
-                    f"{key}={option!r} is not an option of '{group}'; choose one of: {', '.join(options)}"
+                    f"{key}={option!r} is not an option of '{group}'; choose one of: {choices}"
                 )
 
 
@@ -51,6 +52,13 @@ RENAMED_PREFIXES = {
     "stage_data.autoencoder.": "autoencoder.data.",
     "stage_data.diffusion.": "diffusion.data.",
 }
+# Whole keys that were replaced by another setting.
+REPLACED_KEYS = {
+    "model.autoencoder.lr_schedule": "model.autoencoder.lr_scheduler (a torch scheduler config; "
+    "null: constant lr)",
+    "model.autoencoder.warmup_steps": "model.autoencoder.lr_scheduler.milestones=[N] with "
+    "model.autoencoder.lr_scheduler.schedulers.0.total_iters=N-1",
+}
 
 
 def check_renamed_keys(argv: list[str]) -> None:
@@ -59,6 +67,8 @@ def check_renamed_keys(argv: list[str]) -> None:
         for old, new in RENAMED_PREFIXES.items():
             if key.startswith(old):
                 raise UserError(f"{key} was renamed: use {new}{key[len(old) :]}")
+        if key in REPLACED_KEYS:
+            raise UserError(f"{key} was replaced: use {REPLACED_KEYS[key]}")
         if key in ("stage_trainer", "stage_data") or key.startswith(
             ("stage_trainer.", "stage_data.")
         ):
@@ -84,7 +94,8 @@ def null_group_overrides(argv: list[str], conf_dir: Path) -> list[str]:
 
 def exit_on_user_error(err: UserError) -> None:
     """Print the one-line error and exit with status 2."""
-    # An error re-raised from a DataLoader worker carries the worker's traceback; its last line is ours.
+    # An error re-raised from a DataLoader worker carries the worker's traceback; its last line is
+    # ours.
     message = (
         str(err)
         .strip()

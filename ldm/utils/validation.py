@@ -71,8 +71,8 @@ def check_guidance_settings(cfg: DictConfig) -> None:
 
 
 def find_missing(node: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose value is a literal `???`, found without resolving interpolations (OmegaConf's
-    own missing_keys resolves them, and fails on the hydra node)."""
+    """Dotted keys whose value is a literal `???`, found without resolving interpolations
+    (OmegaConf's own missing_keys resolves them, and fails on the hydra node)."""
     found = []
     for key in node.keys() if OmegaConf.is_dict(node) else range(len(node)):
         full = f"{prefix}.{key}" if OmegaConf.is_dict(node) else f"{prefix}[{key}]"
@@ -102,7 +102,8 @@ def check_missing(cfg: DictConfig) -> None:
     if missing:
         more = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
         raise UserError(
-            f"{missing[0]} is required but not set{more}: add {missing[0]}=VALUE to the command line"
+            f"{missing[0]} is required but not set{more}: "
+            f"add {missing[0]}=VALUE to the command line"
         )
 
 
@@ -144,12 +145,14 @@ def check_data(data: DictConfig) -> None:
     ):
         raise UserError(
             f"data.num_channels={data.get('num_channels')} but data.source.mode={mode} gives "
-            f"{IMAGE_FOLDER_MODE_CHANNELS[mode]}; set data.num_channels={IMAGE_FOLDER_MODE_CHANNELS[mode]}"
+            f"{IMAGE_FOLDER_MODE_CHANNELS[mode]}; "
+            f"set data.num_channels={IMAGE_FOLDER_MODE_CHANNELS[mode]}"
         )
 
 
 def downsample_factor(autoencoder: dict[str, Any]) -> int:
-    """f = 2 ** (len(encoder.ch_mult) - 1): the encoder halves H and W after every level but the last."""
+    """f = 2 ** (len(encoder.ch_mult) - 1): the encoder halves H and W after every level but the
+    last."""
     return 2 ** (len(autoencoder["encoder"]["ch_mult"]) - 1)
 
 
@@ -160,8 +163,9 @@ def check_downsampling(image_size: int, autoencoder: dict[str, Any]) -> None:
             str(s) for s in range(f * (image_size // f), image_size + 2 * f, f) if s > 0
         )
         raise UserError(
-            f"data.image_size={image_size} is not divisible by the autoencoder's downsampling factor "
-            f"{f} (its encoder.ch_mult has {len(autoencoder['encoder']['ch_mult'])} levels); "
+            f"data.image_size={image_size} is not divisible by the autoencoder's downsampling "
+            f"factor {f} (its encoder.ch_mult has {len(autoencoder['encoder']['ch_mult'])} "
+            "levels); "
             f"use a multiple of {f}, e.g. {sizes}"
         )
 
@@ -179,7 +183,8 @@ def check_autoencoder_stage_trainer(cfg: DictConfig) -> None:
 
 
 def check_trainer_arguments(trainer_cfg: dict[str, Any], stage: str) -> None:
-    """Every key of a stage's merged trainer config is a Trainer argument (or ours: auto_requeue)."""
+    """Every key of a stage's merged trainer config is a Trainer argument (or ours:
+    auto_requeue)."""
     import inspect
 
     from pytorch_lightning import Trainer
@@ -202,14 +207,16 @@ def check_fid(cfg: DictConfig) -> None:
         return
     if extractor == "classifier" and cfg.data.get("num_classes") is None:
         raise UserError(
-            f"fid.extractor=classifier needs labeled data, but data.name={cfg.data.get('name')} has "
-            "no labels (data.num_classes=null); use fid=inception fid.inception_weights=PATH, or "
+            "fid.extractor=classifier needs labeled data, but "
+            f"data.name={cfg.data.get('name')} has no labels (data.num_classes=null); "
+            "use fid=inception fid.inception_weights=PATH, or "
             "fid.every_n_epochs=0 to turn FID off"
         )
 
 
 def check_unet(cfg: DictConfig, autoencoder: dict[str, Any]) -> None:
-    """The UNet denoises latents: its channels, depth and classes must fit the autoencoder and data."""
+    """The UNet denoises latents: its channels, depth and classes must fit the autoencoder and
+    data."""
     unet = OmegaConf.select(cfg, "model.diffusion.unet")
     if unet is None:
         return
@@ -226,14 +233,15 @@ def check_unet(cfg: DictConfig, autoencoder: dict[str, Any]) -> None:
     if latent_size % unet_f:
         raise UserError(
             f"model.diffusion.unet.channel_mult={unet['channel_mult']} halves the {latent_size}x"
-            f"{latent_size} latents {len(unet['channel_mult']) - 1} times, which needs a multiple of "
-            f"{unet_f}; use fewer levels or a data.image_size that is a multiple of {unet_f * f}"
+            f"{latent_size} latents {len(unet['channel_mult']) - 1} times, which needs a multiple "
+            f"of {unet_f}; use fewer levels or a data.image_size that is a multiple of {unet_f * f}"
         )
     num_classes, data_classes = unet.get("num_classes"), cfg.data.get("num_classes")
     if num_classes is not None and data_classes is None:
         raise UserError(
-            f"model.diffusion.unet.num_classes={num_classes} but data.name={cfg.data.get('name')} has "
-            "no labels; set model.diffusion.unet.num_classes=null"
+            f"model.diffusion.unet.num_classes={num_classes} but "
+            f"data.name={cfg.data.get('name')} has no labels; "
+            "set model.diffusion.unet.num_classes=null"
         )
     if num_classes is not None and num_classes != data_classes:
         raise UserError(
@@ -289,8 +297,8 @@ def check_writable(
     free_mb = shutil.disk_usage(path).free / 2**20
     if free_mb < min_free_mb:
         raise UserError(
-            f"{what} {str(path)!r} has {free_mb:.0f} MiB free, less than the {min_free_mb:g} MiB needed "
-            "for checkpoints and logs; free space or choose another directory"
+            f"{what} {str(path)!r} has {free_mb:.0f} MiB free, less than the {min_free_mb:g} MiB "
+            "needed for checkpoints and logs; free space or choose another directory"
         )
     return path
 
@@ -300,7 +308,8 @@ class OutputDirCheck(HydraCallback):
     writes its `.hydra/` files there: a dir a live run owns, or one that cannot be written, would
     otherwise be shared or fail with a traceback. Exits 2 with one line.
 
-    conf/hydra/default.yaml: `callbacks: {output_dir_check: {_target_: ldm.utils.validation.OutputDirCheck}}`
+    conf/hydra/default.yaml:
+    `callbacks: {output_dir_check: {_target_: ldm.utils.validation.OutputDirCheck}}`
     """
 
     def __init__(self, min_free_mb: float = MIN_FREE_MB):

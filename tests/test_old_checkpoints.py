@@ -7,7 +7,6 @@ version in it): it loads, `sample.py` samples from it, and `train.py` resumes tr
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,25 +15,9 @@ from ldm.models.loading import load_latent_diffusion
 from ldm.utils.checkpoint import CHECKPOINT_FORMAT_VERSION, load_checkpoint
 from ldm.utils.errors import UserError
 from tests.conftest import ROOT
-from tests.train_cli import FAST, explain, load_ckpt, train_cli
+from tests.train_cli import FAST, explain, load_ckpt, sample_cli, train_cli
 
 FIXTURE = ROOT / "tests" / "fixtures" / "diffusion_6fef1e3_debug_fast.ckpt"
-
-
-def run_sample(*args: str, cwd: Path):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "sample.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_old_checkpoint_loads_and_samples_in_process():
@@ -59,7 +42,7 @@ def test_newer_checkpoint_format_is_refused_in_one_line(tmp_path):
     assert f"format version {CHECKPOINT_FORMAT_VERSION + 1}" in message
     assert f"(format version {CHECKPOINT_FORMAT_VERSION})" in message
     # the sample CLI says the same in one line, exit 2, nothing written
-    result = run_sample(f"ckpt={newer}", f"out_dir={tmp_path / 'out'}", "device=cpu", cwd=tmp_path)
+    result = sample_cli(f"ckpt={newer}", f"out_dir={tmp_path / 'out'}", "device=cpu", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert (
         f"format version {CHECKPOINT_FORMAT_VERSION + 1}" in result.stderr.strip().splitlines()[-1]
@@ -70,7 +53,7 @@ def test_newer_checkpoint_format_is_refused_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_old_checkpoint_samples_with_the_cli_and_resumes_training(tmp_path):
     out = tmp_path / "samples"
-    sampled = run_sample(
+    sampled = sample_cli(
         f"ckpt={FIXTURE}",
         f"out_dir={out}",
         "device=cpu",

@@ -3,17 +3,21 @@ SLURM job id, torch.distributed's state, the Markdown result table."""
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from ldm.metrics.classifier_config import DEFAULTS, ClassifierConfig
+from ldm.metrics.train_classifier import settings_hash, train_classifier
 from ldm.modules.conditioning import even_class_labels
 from ldm.train import save_final_grid
 from ldm.utils.distributed import is_distributed
 from ldm.utils.launch import slurm_job_id
 from ldm.utils.tables import format_table
+from tests.conftest import compose_config
 
 
 def test_even_class_labels():
@@ -94,3 +98,24 @@ def test_format_table():
         "| 4 | 12.35 | - |",
         "| 10 | 3 | - |",
     ]
+
+
+def test_fid_classifier_settings_have_one_source(tmp_path):
+    """ClassifierConfig is conf/fid/classifier.yaml's `classifier` node (typed) and the defaults
+    of train_classifier; the values are those the cached classifiers and reported FIDs used."""
+    assert DEFAULTS == {
+        "epochs": 6,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "seed": 0,
+        "max_shift": 2,
+        "widths": [16, 32],
+        "feature_dim": 128,
+    }
+    assert settings_hash(DEFAULTS) == "4e295894b6"  # the cache key of the default classifier
+    for overrides in ([], ["fid=inception"]):
+        node = compose_config(overrides, tmp_path).fid.classifier
+        assert OmegaConf.get_type(node) is ClassifierConfig
+        assert OmegaConf.to_container(node) == DEFAULTS
+    defaults = {k: p.default for k, p in inspect.signature(train_classifier).parameters.items()}
+    assert {k: defaults[k] for k in DEFAULTS} == {**DEFAULTS, "widths": (16, 32)}

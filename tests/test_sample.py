@@ -5,9 +5,6 @@ NFE sweep."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import hydra
@@ -23,7 +20,8 @@ from ldm.train import run as train_run
 from ldm.utils.checkpoint import file_sha256
 from ldm.utils.errors import UserError
 from ldm.utils.images import save_png
-from tests.conftest import ROOT, compose_config
+from tests.conftest import compose_config
+from tests.train_cli import sample_cli
 
 # debug=fast (tiny autoencoder and UNet with 10 classes, T=100, EMA) on sklearn digits at 16x16.
 TINY = ["debug=fast", "data=digits", "data.image_size=16", "fid.every_n_epochs=0"]
@@ -220,21 +218,10 @@ def test_save_png_values(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the CLI
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "sample.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_cli_writes_samples(checkpoints, tmp_path):
     out = tmp_path / "cli"
-    proc = run_cli(tmp_path, f"ckpt={checkpoints['stage2']}", f"out_dir={out}", *FAST, "fid=false")
+    args = [f"ckpt={checkpoints['stage2']}", f"out_dir={out}", *FAST, "fid=false"]
+    proc = sample_cli(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "sampled 5 images (ddpm, 4 steps" in proc.stdout
     assert len(list(out.glob("0*.png"))) == 5
@@ -270,7 +257,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, checkpoints, tmp_path):
     paths = {"tmp": tmp_path, "stage1": checkpoints["stage1"], "stage2": checkpoints["stage2"]}
     out = tmp_path / "out"
     # FAST first: each case's own setting overrides it
-    proc = run_cli(tmp_path, *FAST, *(a.format(**paths) for a in args), f"out_dir={out}")
+    proc = sample_cli(*FAST, *(a.format(**paths) for a in args), f"out_dir={out}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
@@ -304,7 +291,7 @@ def test_pickled_callable_is_refused_without_running(checkpoints, tmp_path):
 
     marker = tmp_path / "marker"
     out = tmp_path / "out"
-    proc = run_cli(tmp_path, f"ckpt={hostile(marker)}", f"out_dir={out}", *FAST)
+    proc = sample_cli(f"ckpt={hostile(marker)}", f"out_dir={out}", *FAST, cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "refused" in lines[0] and "io.open" in lines[0], proc.stderr

@@ -1,6 +1,6 @@
-"""Helpers of the scale/reproducibility/resume tests: run train.py as users do, compare checkpoints,
-and two fault-injecting callbacks the runs load by `_target_` (so they live in an importable
-module)."""
+"""Helpers of the scale/reproducibility/resume tests: run train.py and sample.py as users do,
+compare checkpoints, and two fault-injecting callbacks the runs load by `_target_` (so they live
+in an importable module)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ def train_cli(
     }
     env = {k: v for k, v in env.items() if v is not None}
     command = [sys.executable, *launcher, str(ROOT / "train.py"), *args]
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def sample_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python sample.py args` in `cwd` as users run it; one thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "sample.py"), *args]
     return subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -27,11 +27,11 @@ class FeatureClassifier(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 1,
-        num_classes: int = 10,
-        image_size: int = 32,
-        widths: tuple[int, int] | list[int] = (16, 32),
-        feature_dim: int = 128,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        widths: tuple[int, int] | list[int],
+        feature_dim: int,
     ):
         super().__init__()
         if image_size < 16:

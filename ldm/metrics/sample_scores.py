@@ -64,10 +64,14 @@ def build_evaluator(
     ckpt: Mapping[str, Any], path: Path, metrics_cfg: DictConfig, device: torch.device
 ) -> Evaluator:
     """The Evaluator of checkpoint `ckpt` (read from `path`) with the `fid` group's settings."""
+    from ldm.config import stage_section
     from ldm.metrics.fid import build_extractor, real_features_path
     from ldm.utils.instantiate import safe_instantiate
 
-    data_cfg = ckpt["ldm"]["config"].get("data")
+    stored = ckpt["ldm"]["config"]
+    data_cfg = None
+    if isinstance(stored.get("data"), Mapping):  # shared `data` refined by `diffusion.data`
+        data_cfg = stage_section(OmegaConf.create(stored), "diffusion", "data")
     if not isinstance(data_cfg, Mapping):
         raise UserError(
             f"checkpoint {str(path)!r} stores no data config; fid/nfe_sweep need the dataset"

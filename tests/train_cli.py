@@ -5,6 +5,7 @@ in an importable module)."""
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import signal
 import subprocess
@@ -120,15 +121,26 @@ class SignalAt(pl.Callback):
     batch `batch` of epoch `epoch` (batch None: when that epoch's validation starts), as a
     scheduler or the OOM killer would, at a known point."""
 
-    def __init__(self, epoch: int, name: str, batch: int | None = None):
+    def __init__(self, epoch: int, name: str, batch: int | None = None, rank: int | None = None):
         self.epoch, self.batch, self.signum = epoch, batch, signal.Signals[name]
+        self.rank = rank  # under DDP: only this rank (None: every rank)
+
+    def _fire(self, trainer) -> None:
+        if self.rank is None or trainer.global_rank == self.rank:
+            logging.getLogger(__name__).warning(
+                "fault: %s to rank %d at step %d",
+                self.signum.name,
+                trainer.global_rank,
+                trainer.global_step,
+            )
+            os.kill(os.getpid(), self.signum)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.batch is not None and (trainer.current_epoch, batch_idx) == (
             self.epoch,
             self.batch,
         ):
-            os.kill(os.getpid(), self.signum)
+            self._fire(trainer)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if (
@@ -136,7 +148,7 @@ class SignalAt(pl.Callback):
             and trainer.current_epoch == self.epoch
             and not trainer.sanity_checking
         ):
-            os.kill(os.getpid(), self.signum)
+            self._fire(trainer)
 
 
 class FailOnJob(pl.Callback):
@@ -150,3 +162,17 @@ class FailOnJob(pl.Callback):
 
         if HydraConfig.get().job.num == self.job:
             raise RuntimeError(f"injected failure in job {self.job}")
+
+
+class KillOnJob(pl.Callback):
+    """Fault: SIGKILL this process (the whole sweep, when jobs run in it) when training starts in
+    Hydra multirun job number `job`."""
+
+    def __init__(self, job: int):
+        self.job = job
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.get().job.num == self.job:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -67,14 +67,17 @@ def launch_info(cfg: DictConfig) -> dict[str, Any]:
     trainer = cfg.get("trainer") or {}
     info: dict[str, Any] = {
         "trainer": {
-            k: trainer.get(k)
-            for k in (
-                "accelerator",
-                "devices",
-                "num_nodes",
-                "strategy",
-                "precision",
-                "deterministic",
+            k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in (
+                (k, trainer.get(k))
+                for k in (
+                    "accelerator",
+                    "devices",
+                    "num_nodes",
+                    "strategy",
+                    "precision",
+                    "deterministic",
+                )
             )
         },
         "launcher": external_launcher(os.environ),

@@ -74,7 +74,7 @@ def test_old_checkpoint_samples_with_the_cli_and_resumes_training(tmp_path):
         *FAST,
         "stage=all",
         f"ckpt_path={local}",
-        "stage_trainer.diffusion.max_epochs=2",
+        "diffusion.trainer.max_epochs=2",
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )

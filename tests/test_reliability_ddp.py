@@ -23,7 +23,7 @@ DDP = [
     *FAST,
     "trainer=ddp_cpu",
     "stage=autoencoder",
-    "stage_trainer.autoencoder.max_epochs=2",
+    "autoencoder.trainer.max_epochs=2",
     "callbacks.autoencoder.model_checkpoint.monitor=null",
     "+callbacks.autoencoder.model_checkpoint.every_n_train_steps=1",
 ]

@@ -281,3 +281,42 @@ def test_text_scores_follow_the_prompts_and_the_shuffled_control_is_at_chance(ca
     assert out["seen_attribute/attribute_acc"] == 1.0 == out["heldout_combo/attribute_acc"]
     assert out["shuffled/digit_acc"] < 0.3 and out["shuffled/attribute_acc"] < 0.6
     assert out["N"] == len(prompts) * per
+
+
+# ------------------------------------------------------------------------------ own captions
+def write_folder(root: Path, n: int = 4) -> None:
+    from PIL import Image
+
+    (root / "sub").mkdir(parents=True)
+    for i in range(n):
+        folder = root / "sub" if i % 2 else root
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(folder / f"img{i}.png")
+
+
+def test_image_folder_reads_captions_jsonl_and_metadata_csv(tmp_path):
+    from ldm.data import ImageDataModule
+    from ldm.data.sources import ImageFolder
+    from ldm.modules.text import dataset_captions
+
+    write_folder(tmp_path)
+    names = ["img0.png", "sub/img1.png", "img2.png", "sub/img3.png"]
+    lines = [json.dumps({"file_name": f, "text": f"picture {i}"}) for i, f in enumerate(names)]
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    source = ImageFolder(str(tmp_path), image_size=16, captions=True)
+    dataset = source.build()
+    by_name = {p.relative_to(tmp_path).as_posix(): dataset[i] for i, p in enumerate(dataset.paths)}
+    assert by_name["sub/img3.png"]["caption"] == "picture 3"
+    assert by_name["img0.png"]["image"].shape == (3, 16, 16)
+    dm = ImageDataModule(source, "mine", 16, 3, None, batch_size=2, val_fraction=0.25)
+    assert dataset_captions(dm) == [dm.full_dataset.captions[i] for i in dm.train_dataset.indices]
+    assert len(dataset_captions(dm)) == 3
+    # metadata.csv with another caption column; a missing caption is one line naming the file
+    (tmp_path / "captions.jsonl").unlink()
+    rows = "\n".join(f"{f},a {i}" for i, f in enumerate(names[:3]))
+    (tmp_path / "metadata.csv").write_text("file_name,prompt\n" + rows + "\n")
+    with pytest.raises(UserError, match=r"1 images .* have no caption \(first: 'sub/img3.png'\)"):
+        ImageFolder(str(tmp_path), image_size=16, captions=True, caption_column="prompt").build()
+    with pytest.raises(UserError, match="needs 'file_name' and 'text'"):
+        ImageFolder(str(tmp_path), image_size=16, captions=True).build()
+    plain = ImageFolder(str(tmp_path), image_size=16).build()
+    assert "caption" not in plain[0]  # captions are opt-in: unconditional folders unchanged

@@ -252,6 +252,7 @@ class ImageFolderDataset(Dataset):
         self, paths: Sequence[Path], image_size: int, mode: str, allow_upscale: bool = True
     ):
         self.paths, self.mode = list(paths), mode
+        self.captions: list[str] | None = None  # one per path (ImageFolder with captions)
         self.image_size, self.allow_upscale = image_size, allow_upscale
         self.warned_upscale = False
         self.transform = v2.Compose(
@@ -290,7 +291,10 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         pixels = self.transform(self.load_image(self.paths[index]))  # (C, S, S) uint8
-        return {"image": to_unit_range(pixels, 255.0)}
+        item = {"image": to_unit_range(pixels, 255.0)}
+        if self.captions is not None:
+            item["caption"] = self.captions[index]
+        return item
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -360,11 +364,14 @@ class ImageFolder(Source):
         mode: str = "RGB",
         skip_corrupt: bool = False,
         allow_upscale: bool = True,
+        captions: bool = False,
+        caption_column: str = "text",
     ):
         if mode not in self.MODES:
             raise ValueError(f"data.source.mode={mode!r} is not one of {list(self.MODES)}")
         self.root, self.image_size, self.mode = Path(root), image_size, mode
         self.skip_corrupt, self.allow_upscale = skip_corrupt, allow_upscale
+        self.captions, self.caption_column = captions, caption_column
         self.skipped: list[tuple[Path, str]] = []
 
     @property
@@ -387,6 +394,15 @@ class ImageFolder(Source):
         )
         if self.skip_corrupt:
             dataset.paths = self.readable(dataset)
+        if self.captions:
+            table = read_captions(self.root, self.caption_column)
+            missing = [p for p in dataset.paths if p.relative_to(self.root).as_posix() not in table]
+            if missing:
+                raise UserError(
+                    f"{len(missing)} images under data.root={str(self.root)!r} have no caption "
+                    f"(first: {missing[0].relative_to(self.root).as_posix()!r})"
+                )
+            dataset.captions = [table[p.relative_to(self.root).as_posix()] for p in dataset.paths]
         return dataset
 
     def readable(self, dataset: ImageFolderDataset) -> list[Path]:
@@ -441,4 +457,45 @@ class ImageFolder(Source):
         for p in dataset.paths:
             stat = p.stat()
             digest.update(f"{p.relative_to(self.root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        if dataset.captions is not None:
+            digest.update("\n".join(dataset.captions).encode())
         return f"folder-{self.image_size}-{self.mode}-{digest.hexdigest()[:16]}"
+
+
+CAPTION_FILES = ("captions.jsonl", "metadata.jsonl", "metadata.csv")
+
+
+def read_captions(root: Path, column: str = "text") -> dict[str, str]:
+    """{relative image path: caption} from `root`'s captions.jsonl / metadata.jsonl (one JSON
+    object a line) or metadata.csv (a header row), each with a `file_name` field and the caption
+    in `column`, the layout of diffusers' `imagefolder` (`file_name` relative to `root`)."""
+    import csv
+    import json
+
+    found = [root / name for name in CAPTION_FILES if (root / name).is_file()]
+    if not found:
+        raise UserError(
+            f"data.source.captions=true but data.root={str(root)!r} has none of "
+            f"{', '.join(CAPTION_FILES)} (rows: file_name and {column!r})"
+        )
+    path = found[0]
+    if path.suffix == ".csv":
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}: line {n} is not JSON ({err.msg})") from err
+    table = {}
+    for n, row in enumerate(rows, 1):
+        if "file_name" not in row or column not in row:
+            raise UserError(
+                f"{path}: row {n} needs 'file_name' and {column!r} (data.source.caption_column); "
+                f"it has {sorted(row)}"
+            )
+        table[Path(str(row["file_name"])).as_posix()] = str(row[column])
+    return table

@@ -10,6 +10,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ldm.data.resumable import ResumableDataLoader, ResumableSampler
 from ldm.data.sources import Source
 
+# What the 1-channel or RGB "images" are: pictures, or mel spectrograms of audio clips
+# (data=spoken_digits); stored in every checkpoint's data config, checked where it matters.
+MODALITIES = ("image", "audio")
+
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A seeded random permutation cut into (train, val) index lists: disjoint and reproducible."""
@@ -35,6 +39,9 @@ class ImageDataModule(pl.LightningDataModule):
     can interpolate them before any data is read) and checked against the data at `setup()`.
     `root` and `download` are the user-facing keys of file-based sources (`data.root=...`,
     `data.download=true`); their configs interpolate them into the source.
+    `modality`: "audio" when the images are mel spectrograms (the source has a `frontend`).
+    `indices`: fixed (train, val) index lists (a latents module takes its image module's split);
+    otherwise the source's own `split()` if it has one, else a seeded random split.
     `image_datamodule`: for a module serving latents, the module of the images they were encoded
     from (FID compares generated images against those).
     """
@@ -57,11 +64,16 @@ class ImageDataModule(pl.LightningDataModule):
         download: bool = False,
         skip_corrupt: bool = False,
         image_datamodule: ImageDataModule | None = None,
+        modality: str = "image",
+        indices: tuple[list[int], list[int]] | None = None,
     ):
         super().__init__()
+        if modality not in MODALITIES:
+            raise ValueError(f"data.modality={modality!r} is not one of {list(MODALITIES)}")
         if batch_size <= 0:
             raise ValueError(f"data.batch_size={batch_size} must be positive")
-        self.source, self.name = source, name
+        self.source, self.name, self.modality = source, name, modality
+        self.indices = indices
         self.root, self.download, self.skip_corrupt = root, download, skip_corrupt
         self.image_datamodule = image_datamodule
         self.image_size, self.num_channels, self.num_classes = image_size, num_channels, num_classes
@@ -77,7 +89,12 @@ class ImageDataModule(pl.LightningDataModule):
             return
         full = self.source.build()
         self.check_declared_shape(full)
-        train_idx, val_idx = split_indices(len(full), self.val_fraction, self.split_seed)
+        if self.indices is not None:
+            train_idx, val_idx = (list(i) for i in self.indices)
+        elif hasattr(self.source, "split"):  # the source's own split (spoken digits: by voice)
+            train_idx, val_idx = self.source.split(full, self.val_fraction, self.split_seed)
+        else:
+            train_idx, val_idx = split_indices(len(full), self.val_fraction, self.split_seed)
         self.full_dataset = full
         self.train_dataset, self.val_dataset = Subset(full, train_idx), Subset(full, val_idx)
 

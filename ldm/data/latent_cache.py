@@ -91,8 +91,8 @@ def latent_cache_datamodule(
     """An ImageDataModule serving `{"latent", "label"}` batches from the cached latents of
     `datamodule`'s whole dataset (an Img2ImgDataModule's also carry its task's inputs).
 
-    The whole dataset is cached in order and the new module reuses `val_fraction` and
-    `split_seed`, so its train/val split holds exactly the same items as `datamodule`'s.
+    The whole dataset is cached in order and the new module takes `datamodule`'s train/val
+    indices, so its split holds exactly the same items (also for a source's own split, by voice).
     """
     datamodule.setup()
     key = latent_cache_key(autoencoder_ckpt, "full", datamodule.fingerprint())
@@ -114,6 +114,8 @@ def latent_cache_datamodule(
         persistent_workers=datamodule.persistent_workers,
         drop_last=datamodule.drop_last,
         image_datamodule=datamodule,
+        modality=datamodule.modality,
+        indices=(list(datamodule.train_dataset.indices), list(datamodule.val_dataset.indices)),
     )
     if isinstance(datamodule, Img2ImgDataModule):  # items keep their image-to-image inputs
         return Img2ImgDataModule(**kwargs, task=datamodule.task, task_seed=datamodule.task_seed)

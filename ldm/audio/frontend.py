@@ -23,6 +23,8 @@ it: any nn.Module with `forward(magnitude (B, n_fft//2+1, T)) -> waveform (B, N)
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -259,3 +261,25 @@ class MelFrontend(nn.Module):
     def round_trip(self, image: torch.Tensor) -> torch.Tensor:
         """What a listener's spectrogram of the generated sound is: image -> waveform -> image."""
         return self.encode(self.decode(image))
+
+
+class RoundTrip(nn.Module):
+    """Mel image -> waveform (the vocoder) -> mel image: what the metrics see of generated audio,
+    so FID/KID/CAS judge the sound, not the spectrogram the model drew."""
+
+    def __init__(self, frontend: MelFrontend):
+        super().__init__()
+        self.frontend = frontend
+        vocoder = frontend.vocoder
+        settings = {
+            **frontend.config.to_dict(),
+            "vocoder": type(vocoder).__name__,
+            **{
+                k: getattr(vocoder, k) for k in ("iters", "momentum", "seed") if hasattr(vocoder, k)
+            },
+        }
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+        self.cache_key = f"roundtrip-{digest}"  # names it in cached reference scores
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.frontend.round_trip(image)

@@ -31,6 +31,7 @@ from ldm.metrics.fid import (
     SampleMetrics,
     build_extractor,
     cached_real_features,
+    evaluation_transform,
     fid_cache_dir,
     real_features_path,
     reference_scores,
@@ -235,6 +236,7 @@ class FIDCallback(pl.Callback):
             )
 
         extractor, classifier, real = self._rank_zero_first(trainer, load)
+        transform = evaluation_transform(datamodule)  # audio: judged after the waveform round trip
         num_classes = datamodule.num_classes if model_num_classes(pl_module) is not None else None
         self.metrics = SampleMetrics(
             extractor,
@@ -244,6 +246,7 @@ class FIDCallback(pl.Callback):
             kid_subset_size=self.kid_subset_size,
             seed=self.seed,
             nearest_k=self.nearest_k,
+            transform=transform,
         ).to(pl_module.device)
         self.metrics.set_real_features(real)
         if self.log_reference:
@@ -256,6 +259,7 @@ class FIDCallback(pl.Callback):
                     seed=self.seed,
                     sync_on_compute=False,
                     nearest_k=self.nearest_k,
+                    transform=transform,
                 ).to(pl_module.device)
                 local.set_real_features(real)
                 shape = (datamodule.num_channels, datamodule.image_size, datamodule.image_size)

@@ -290,6 +290,8 @@ class SampleMetrics(nn.Module):
     with its own share of samples and `compute()` syncs them (torchmetrics); the real features are
     held by rank 0 only so the sync counts them once. With `sync_on_compute=False` every rank
     computes alone (used for the reference scores that every rank computes identically).
+    `transform`, if given, is applied to every image passed to `update()` (audio: the round trip
+    mel -> waveform -> mel, ldm.audio.frontend.RoundTrip).
     """
 
     def __init__(
@@ -302,11 +304,12 @@ class SampleMetrics(nn.Module):
         seed: int = 0,
         sync_on_compute: bool = True,
         nearest_k: int = 3,
+        transform: nn.Module | None = None,
     ):
         super().__init__()
         if kid_subset_size < 2:
             raise ValueError(f"kid_subset_size={kid_subset_size} must be >= 2")
-        self.extractor, self.classifier = extractor, classifier
+        self.extractor, self.classifier, self.transform = extractor, classifier, transform
         self.num_features = int(extractor.num_features)
         self.kid_subset_size, self.seed, self.sync_on_compute = (
             kid_subset_size,
@@ -366,6 +369,8 @@ class SampleMetrics(nn.Module):
     @torch.no_grad()
     def update(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Add generated images (B, C, H, W) in [-1, 1], with the labels they were generated for."""
+        if self.transform is not None:  # audio: mel -> waveform -> mel (ldm.audio.frontend.RoundTrip)
+            images = self.transform(images.to(self.device).float())
         x01 = self.unit_range(images)
         feats = self.extractor(x01)  # (B, d)
         self.fid.update(feats, real=False)
@@ -511,6 +516,18 @@ def build_extractor(
     return extractor, clf
 
 
+def evaluation_transform(datamodule: Any) -> nn.Module | None:
+    """What generated images pass through before they are judged: for audio data (a data module
+    with `modality="audio"` whose source has a mel `frontend`), the round trip mel -> waveform ->
+    mel (ldm.audio.frontend.RoundTrip), so FID/KID/CAS judge the sound; None for images."""
+    frontend = getattr(getattr(datamodule, "source", None), "frontend", None)
+    if getattr(datamodule, "modality", "image") != "audio" or frontend is None:
+        return None
+    from ldm.audio.frontend import RoundTrip
+
+    return RoundTrip(frontend)
+
+
 def compute_metrics(
     fake_images: torch.Tensor,
     reals: Dataset | Iterable | torch.Tensor,
@@ -576,6 +593,8 @@ def reference_scores(
         "seed": seed,
         "nearest_k": metrics.prdc.nearest_k,
     }
+    if metrics.transform is not None:  # the references pass through it like generated images
+        settings["transform"] = metrics.transform.cache_key
 
     def cached() -> dict[str, float | int] | None:
         if cache_file is not None and cache_file.is_file():

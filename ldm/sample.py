@@ -389,10 +389,12 @@ def write_outputs(
     num_classes: int | None,
     out: Path,
     prompts: list[str] | None = None,
+    data_cfg: dict[str, Any] | None = None,
 ) -> list[str]:
     """Write the samples into `out`: one PNG per image and `grid.png` (on an even class spread a
     column per class; with `prompts`, the prompt of every sample, a row per prompt labelled with
-    it). Returns the files written, for samples.json. Add new output kinds here."""
+    it); for an audio checkpoint (`data_cfg`, the stored data config) also one WAV per sample.
+    Returns the files written, for samples.json. Add new output kinds here."""
     from ldm.utils.images import save_labelled_grid, save_png
 
     for i, image in enumerate(images):
@@ -411,6 +413,10 @@ def write_outputs(
         nrow = min(num_classes, len(shown)) if spread else math.ceil(math.sqrt(len(shown)))
         save_grid(shown, out / "grid.png", nrow=nrow)
         files.append("grid.png")
+    from ldm.audio.outputs import is_audio, write_audio
+
+    if is_audio(data_cfg):  # mel images -> waveforms (the stored front end, Griffin-Lim)
+        files += write_audio(images, data_cfg, out)
     return files
 
 
@@ -468,6 +474,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
     from hydra.utils import instantiate
 
+    from ldm.audio.outputs import audio_record
     from ldm.models.loading import latent_diffusion_from_checkpoint
     from ldm.utils.checkpoint import file_sha256, load_checkpoint
 
@@ -510,7 +517,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     recorder = TrajectoryRecorder(cfg.trajectory_samples) if cfg.trajectory else None
     images, seconds = generate(model, sampler, cfg, inputs, device, "sampling", recorder)
     prompts = inputs.get("prompts")
-    files = write_outputs(images, cfg, model.num_classes, out, prompts)
+    stored = ckpt["ldm"]["config"]
+    files = write_outputs(images, cfg, model.num_classes, out, prompts, stored.get("data"))
     trajectory = None
     if recorder is not None:
         shown_t = save_trajectory(
@@ -523,7 +531,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
         files.append("trajectory.png")
 
-    stored = ckpt["ldm"]["config"]
     guidance_scale = cfg.guidance_scale if inputs else 1.0
     record: dict[str, Any] = {
         "checkpoint": {
@@ -558,6 +565,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "batch_size": cfg.batch_size,
         },
         "trajectory": trajectory,
+        "audio": audio_record(stored.get("data")),
         "torch": torch.__version__,
         "files": [*files, "samples.json"],
     }

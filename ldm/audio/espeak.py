@@ -37,14 +37,15 @@ INSTALL_HINT = "pip install espeakng-loader (espeak-ng, GPL-3.0, used as a run-t
 
 
 class Synthesizer:
-    """The espeak-ng library loaded once; `speak(text, voice, rate, pitch, pitch_range)` -> int16 PCM."""
+    """The espeak-ng library, loaded once; `speak(text, voice, rate, pitch, pitch_range)` -> PCM."""
 
     def __init__(self, library: str | Path, data_dir: str | Path):
         try:
             self.lib = ctypes.CDLL(str(library))
         except OSError as err:
             raise UserError(
-                f"the espeak-ng synthesizer library {str(library)!r} cannot be loaded ({err}); {INSTALL_HINT}"
+                f"the espeak-ng synthesizer library {str(library)!r} cannot be loaded ({err}); "
+                f"{INSTALL_HINT}"
             ) from err
         lib = self.lib
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
@@ -86,7 +87,7 @@ class Synthesizer:
         pitch: int = 50,
         pitch_range: int = 50,
     ) -> np.ndarray:
-        """PCM int16 samples (N,) at `self.sample_rate` of `text` spoken by `voice` ("lang+variant")."""
+        """int16 samples (N,) at `self.sample_rate` of `text` spoken by `voice` ("lang+variant")."""
         with self.lock:
             if self.lib.espeak_SetVoiceByName(voice.encode()) != EE_OK:
                 raise UserError(f"espeak-ng has no voice {voice!r}")
@@ -105,7 +106,7 @@ class Synthesizer:
 
 
 def espeak_paths() -> tuple[Path, Path]:
-    """(shared library, voice data dir) from the installed espeakng-loader, or a one-line UserError."""
+    """(shared library, voice data dir) of the installed espeakng-loader, or a UserError."""
     try:
         import espeakng_loader
     except ImportError as err:

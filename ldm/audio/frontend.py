@@ -39,7 +39,7 @@ PEAK = 0.9  # waveforms are scaled to this peak before analysis and after synthe
 
 @dataclass(frozen=True)
 class MelConfig:
-    """The front end's settings; stored in the data config (`data.source.audio`) of each checkpoint."""
+    """The front end's settings, stored in each checkpoint's data config (`data.source.audio`)."""
 
     sample_rate: int = 16000
     n_fft: int = 1024
@@ -64,7 +64,8 @@ class MelConfig:
             )
         if not 0 <= self.f_min < self.f_max <= self.sample_rate / 2:
             raise UserError(
-                f"data.source.audio: need 0 <= f_min < f_max <= sample_rate / 2 = {self.sample_rate / 2:g} "
+                "data.source.audio: need 0 <= f_min < f_max <= sample_rate / 2 = "
+                f"{self.sample_rate / 2:g} "
                 f"(got f_min={self.f_min}, f_max={self.f_max})"
             )
         if self.min_db >= self.max_db:
@@ -179,7 +180,7 @@ class GriffinLim(Vocoder):
 
 
 class MelFrontend(nn.Module):
-    """Waveform (B, N) at `sample_rate` <-> mel image (B, 1, n_mels, frames) in [-1, 1] (see module doc)."""
+    """Waveform (B, N) at `sample_rate` <-> mel image (B, 1, n_mels, frames) in [-1, 1]."""
 
     def __init__(self, config: MelConfig | None = None, vocoder: Vocoder | None = None, **settings):
         super().__init__()
@@ -197,8 +198,9 @@ class MelFrontend(nn.Module):
 
     # ---- waveform preparation
     def fit_window(self, wave: torch.Tensor) -> torch.Tensor:
-        """(N,) mono waveform -> (num_samples,): silence trimmed (frames `trim_db` below the loudest),
-        the rest centered in the window (zero padding) or center-cropped when longer; peak PEAK."""
+        """(N,) mono waveform -> (num_samples,): silence trimmed (frames `trim_db` below the
+        loudest), the rest centered in the window (zero padding) or center-cropped when longer;
+        peak PEAK."""
         c = self.config
         wave = wave.float()
         frame = c.hop_length

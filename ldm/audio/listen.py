@@ -1,4 +1,4 @@
-"""Listen to WAV files the way the project's judge does: `python -m ldm.audio.listen CKPT FILE.wav ...`
+"""Hear WAV files the way the project's judge does: `python -m ldm.audio.listen CKPT FILE.wav ...`
 
 For each file: the digit the spectrogram classifier hears (trained on the train voices of the
 checkpoint's data, ldm.metrics.train_classifier, cached) with its probability, the duration of the

@@ -72,8 +72,8 @@ def read_wav(
         wave_, rate = resample_wave(wave_, rate, sample_rate), sample_rate
     if len(wave_) < min_samples:
         raise UserError(
-            f"{str(path)!r} holds {len(wave_)} samples ({len(wave_) / rate * 1000:.0f} ms at {rate} "
-            f"Hz), shorter than the {min_samples}-sample ({min_samples / rate * 1000:.0f} ms) "
-            "analysis window"
+            f"{str(path)!r} holds {len(wave_)} samples ({len(wave_) / rate * 1000:.0f} ms at "
+            f"{rate} Hz), shorter than the {min_samples}-sample "
+            f"({min_samples / rate * 1000:.0f} ms) analysis window"
         )
     return wave_, rate

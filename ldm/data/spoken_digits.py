@@ -10,7 +10,8 @@ seeded by `seed`, so the same settings give the same clips on any machine.
 Clips are resampled to 16 kHz, silence-trimmed, centered in a ~1 s window and turned into
 normalized log-mel images (ldm.audio.frontend) of shape (1, n_mels, frames) in [-1, 1]. The clips
 (int16 waveforms) and images are generated once and cached under
-`<cache_dir>/spoken_digits/<fingerprint of the settings>.pt`, written atomically.
+`<cache_dir>/spoken_digits/clips_<hash of the settings>.pt`, built once under a file lock and
+renamed into place (ldm.utils.cache_lock.build_once); a cached dataset needs no synthesizer.
 
 Split: by voice variant, so the validation split holds voices never heard in training
 (`split`, called by ImageDataModule instead of its random split). The held-out variants are a
@@ -31,7 +32,8 @@ import torch
 
 from ldm.audio.frontend import MelConfig, MelFrontend, resample
 from ldm.data.sources import Source, TensorImageDataset, tensor_fingerprint
-from ldm.utils.checkpoint import atomic_write, read_torch_file
+from ldm.utils.cache_lock import build_once
+from ldm.utils.checkpoint import read_torch_file
 from ldm.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,7 @@ class SpokenDigits(Source):
 
     # ---- what is made
     def variants(self) -> list[str]:
+        """The voice variants to draw from: the configured ones, else all espeak-ng ships."""
         if self.variant_names is not None:
             return list(self.variant_names)
         from ldm.audio.espeak import variants
@@ -109,13 +112,14 @@ class SpokenDigits(Source):
         return variants()
 
     def settings(self) -> dict[str, Any]:
+        """Everything the clips depend on (keys the cache; no library needed to compute it)."""
         return {
             "version": CACHE_VERSION,
             "num_clips": self.num_clips,
             "seed": self.seed,
             "audio": self.audio.to_dict(),
             "accents": self.accents,
-            "variants": self.variants(),
+            "variants": "all" if self.variant_names is None else list(self.variant_names),
             "rate": self.rate,
             "pitch": self.pitch,
             "pitch_range": self.pitch_range,
@@ -128,7 +132,7 @@ class SpokenDigits(Source):
     def plan(self, settings: dict[str, Any]) -> list[dict[str, Any]]:
         """Every clip's word, voice, rate and pitch, drawn from the seeded RNG."""
         rng = np.random.default_rng(settings["seed"])
-        variants, accents = settings["variants"], settings["accents"]
+        variants, accents = self.variants(), settings["accents"]
         clips = []
         for i in range(settings["num_clips"]):
             variant = variants[rng.integers(len(variants))]
@@ -189,45 +193,45 @@ class SpokenDigits(Source):
         stats["floor_fraction"] = round(1 - len(voiced) / len(db), 4)
         return stats
 
-    def build(self) -> SpokenDigitsDataset:
-        settings = self.settings()
-        path = self.cache_path(settings)
-        if path.is_file():
-            payload = read_torch_file(path, what="spoken digits cache")
-            if payload.get("settings") == settings:
-                clips = payload["clips"]
-                return SpokenDigitsDataset(
-                    payload["images"],
-                    payload["labels"],
-                    payload["waves"],
-                    clips,
-                    self.audio.sample_rate,
-                )
-            log.warning("spoken digits cache %s holds other settings; regenerating", path)
+    def generate(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """Synthesize every clip and its mel image (the cache's content)."""
         start = time.perf_counter()
         clips = self.plan(settings)
         waves = self.synthesize(clips)
-        images = self.images(waves)
-        labels = torch.tensor([c["label"] for c in clips], dtype=torch.long)
-        stats = self.db_statistics(waves)
         payload = {
             "settings": settings,
             "clips": clips,
             "waves": waves,
-            "images": images,
-            "labels": labels,
-            "db_statistics": stats,
+            "images": self.images(waves),
+            "labels": torch.tensor([c["label"] for c in clips], dtype=torch.long),
+            "db_statistics": self.db_statistics(waves),
         }
-        atomic_write(path, lambda f: torch.save(payload, f))
         log.info(
-            "spoken digits: synthesized %d clips with espeak-ng in %.1fs (mel dB percentiles %s); "
-            "cached at %s",
+            "spoken digits: synthesized %d clips with espeak-ng in %.1fs (mel dB percentiles %s)",
             len(clips),
             time.perf_counter() - start,
-            stats,
-            path,
+            payload["db_statistics"],
         )
-        return SpokenDigitsDataset(images, labels, waves, clips, self.audio.sample_rate)
+        return payload
+
+    def build(self) -> SpokenDigitsDataset:
+        """The clips from the cache, synthesized first (once, under a lock) if absent."""
+        settings = self.settings()
+        path = build_once(
+            self.cache_path(settings),
+            lambda tmp: torch.save(self.generate(settings), tmp),
+            "spoken digits clips",
+        )
+        payload = read_torch_file(path, what="spoken digits cache")
+        if payload.get("settings") != settings:
+            raise UserError(f"spoken digits cache {str(path)!r} holds other settings; delete it")
+        return SpokenDigitsDataset(
+            payload["images"],
+            payload["labels"],
+            payload["waves"],
+            payload["clips"],
+            self.audio.sample_rate,
+        )
 
     def fingerprint(self, dataset: SpokenDigitsDataset) -> str:
         return f"{self.name}-{tensor_fingerprint(dataset.images, dataset.labels)}"

@@ -369,7 +369,7 @@ class SampleMetrics(nn.Module):
     @torch.no_grad()
     def update(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Add generated images (B, C, H, W) in [-1, 1], with the labels they were generated for."""
-        if self.transform is not None:  # audio: mel -> waveform -> mel (ldm.audio.frontend.RoundTrip)
+        if self.transform is not None:  # audio: mel -> waveform -> mel (ldm.audio RoundTrip)
             images = self.transform(images.to(self.device).float())
         x01 = self.unit_range(images)
         feats = self.extractor(x01)  # (B, d)
@@ -541,12 +541,14 @@ def compute_metrics(
     kid_subset_size: int = 1000,
     seed: int = 0,
     nearest_k: int = 3,
+    transform: nn.Module | None = None,
 ) -> dict[str, float | int]:
     """FID, KID, precision/recall/density/coverage (and CAS when `fake_labels` and `classifier`
     are given) of generated images (N, C, H, W) in [-1, 1] against real images (a Dataset, a
     loader or a tensor in [-1, 1]).
 
-    Single process; returns the scores with `num_samples` (N) and `num_real`.
+    Single process; returns the scores with `num_samples` (N) and `num_real`. `transform`: see
+    SampleMetrics (audio: generated clips judged after the waveform round trip).
     """
     num_classes = classifier.classifier.num_classes if classifier is not None else None
     metrics = SampleMetrics(
@@ -558,6 +560,7 @@ def compute_metrics(
         seed=seed,
         sync_on_compute=False,
         nearest_k=nearest_k,
+        transform=transform,
     )
     metrics.to(module_device(extractor))
     metrics.set_real_features(cached_real_features(extractor, reals, real_cache, batch_size))

@@ -32,6 +32,7 @@ class Evaluator:
     real_cache: Path
     metrics_cfg: DictConfig
     dataset: str
+    transform: Any = None  # audio: generated clips are judged after the waveform round trip
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
         from ldm.metrics.fid import compute_metrics
@@ -48,6 +49,7 @@ class Evaluator:
             kid_subset_size=self.metrics_cfg.kid_subset_size,
             seed=self.metrics_cfg.seed,
             nearest_k=self.metrics_cfg.get("nearest_k", 3),
+            transform=self.transform,
         )
         return {
             "fid": scores["fid"],
@@ -65,7 +67,7 @@ def build_evaluator(
 ) -> Evaluator:
     """The Evaluator of checkpoint `ckpt` (read from `path`) with the `fid` group's settings."""
     from ldm.config import stage_section
-    from ldm.metrics.fid import build_extractor, real_features_path
+    from ldm.metrics.fid import build_extractor, evaluation_transform, real_features_path
     from ldm.utils.instantiate import safe_instantiate
 
     stored = ckpt["ldm"]["config"]
@@ -75,6 +77,11 @@ def build_evaluator(
     if not isinstance(data_cfg, Mapping):
         raise UserError(
             f"checkpoint {str(path)!r} stores no data config; fid/nfe_sweep need the dataset"
+        )
+    if data_cfg.get("modality") == "audio" and metrics_cfg.extractor != "classifier":
+        raise UserError(
+            f"fid@metrics={metrics_cfg.extractor} is for images; checkpoint {str(path)!r} makes "
+            "audio, judged by the spectrogram classifier (fid@metrics=classifier)"
         )
     classifier_cfg = metrics_cfg.get("classifier")
     if isinstance(classifier_cfg, DictConfig):
@@ -102,4 +109,5 @@ def build_evaluator(
         real_cache=real_features_path(metrics_cfg.cache_dir, datamodule.fingerprint(), extractor),
         metrics_cfg=metrics_cfg,
         dataset=str(data_cfg.get("name", data_cfg.get("_target_"))),
+        transform=evaluation_transform(datamodule),
     )

@@ -43,6 +43,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_run_keys(cfg)
     check_wandb(cfg)
     check_data(cfg.data)
+    check_modality(cfg)
     if cfg.stage == "diffusion":
         cfg = with_stage1_autoencoder(cfg)
     autoencoder = OmegaConf.to_container(cfg.model.autoencoder, resolve=True)
@@ -147,6 +148,25 @@ def check_data(data: DictConfig) -> None:
             f"data.num_channels={data.get('num_channels')} but data.source.mode={mode} gives "
             f"{IMAGE_FOLDER_MODE_CHANNELS[mode]}; "
             f"set data.num_channels={IMAGE_FOLDER_MODE_CHANNELS[mode]}"
+        )
+
+
+def modality(data: Any) -> str:
+    """ "image" or "audio" (mel spectrograms) of a data config; configs without the key are images."""
+    return (data or {}).get("modality", "image") or "image"
+
+
+def check_modality(cfg: DictConfig) -> None:
+    """Audio data (mel spectrograms) is judged by the spectrogram classifier: the Inception
+    extractor is for photographs and refuses it."""
+    if (
+        modality(cfg.data) == "audio"
+        and cfg.get("fid")
+        and cfg.fid.get("extractor") != "classifier"
+    ):
+        raise UserError(
+            f"fid.extractor={cfg.fid.extractor} is for images; data={cfg.data.name} is audio, judged "
+            "by the project's spectrogram classifier (fid=classifier)"
         )
 
 
@@ -258,6 +278,12 @@ def with_stage1_autoencoder(cfg: DictConfig) -> DictConfig:
     path = cfg.autoencoder_ckpt
     stored = load_checkpoint(path, expected_stage="autoencoder", mmap=True)["ldm"]["config"]
     stored_data = stored.get("data", {})
+    if modality(stored_data) != modality(cfg.data):
+        raise UserError(
+            f"autoencoder_ckpt={str(path)!r} was trained on {modality(stored_data)} data "
+            f"(data={stored_data.get('name')}) but data={cfg.data.get('name')} is "
+            f"{modality(cfg.data)} data; use a stage-1 checkpoint of the same kind or train one"
+        )
     size, channels = stored_data.get("image_size"), stored_data.get("num_channels")
     if (size, channels) != (cfg.data.image_size, cfg.data.num_channels):
         raise UserError(

@@ -9,12 +9,24 @@ callback that collects the samples, `espeak_SetVoiceByName("en-us+f3")` (languag
 `espeak_SetParameter` for rate (words per minute), pitch (0-100) and pitch range (0-100), and
 `espeak_Synth` + `espeak_Synchronize`. The library holds global state, so one process-wide
 `Synthesizer` is used and calls are serialized with a lock.
+
+Reproducible clips (`speak_many`): espeak-ng carries state from one utterance to the next (the same
+word in the same voice twice gives different samples, even after re-seeding) and draws noise from
+its own generator (`espeak_ng_SetRandSeed`) and libc `rand()`. So
+each clip is spoken by a forked child of a small worker process (`python -m ldm.audio.espeak`,
+no torch) that initialised the library and never spoke itself, after seeding both generators
+with the request's seed: every clip is
+then a function of its own request only, whatever was spoken before (measured here).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -135,3 +147,74 @@ def variants() -> list[str]:
     """Names of the voice variants espeak-ng ships (e.g. "f3", "klatt2", "whisper"), sorted."""
     _, data_dir = espeak_paths()
     return sorted(p.name for p in (data_dir / "voices" / "!v").iterdir() if p.is_file())
+
+
+def speak_many(requests: list[dict]) -> tuple[int, list[np.ndarray]]:
+    """(sample rate, int16 PCM per request) for requests {"text", "voice", "rate", "pitch",
+    "pitch_range", "seed"}, each spoken from a freshly initialised library (module doc)."""
+    espeak_paths()  # a missing synthesizer fails here, in one line
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "ldm.audio.espeak"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        header = worker.stdout.read(4)
+        if len(header) < 4:
+            raise UserError(
+                f"the espeak-ng worker failed to start: {worker.stderr.read().decode()[-300:]!r}"
+            )
+        rate, clips = int.from_bytes(header, "little"), []
+        for request in requests:
+            worker.stdin.write((json.dumps(request) + "\n").encode())
+            worker.stdin.flush()
+            size = int.from_bytes(worker.stdout.read(4), "little")
+            clips.append(np.frombuffer(worker.stdout.read(size), dtype=np.int16).copy())
+        return rate, clips
+    finally:
+        worker.stdin.close()
+        worker.wait(timeout=30)
+
+
+def serve() -> None:
+    """The worker of `speak_many`: one request per stdin line, each answered on stdout with a
+    4-byte length and the PCM bytes, spoken by a forked child (so this process's state stays
+    pristine)."""
+    synth, out = synthesizer(), sys.stdout.buffer
+    libc = ctypes.CDLL(None)
+    out.write(synth.sample_rate.to_bytes(4, "little"))
+    out.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: speak from the parent's untouched state
+            os.close(read_end)
+            code = 0
+            try:
+                seed = int(request.get("seed", 0))
+                synth.lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))  # its own noise generator
+                libc.srand(seed)  # and libc rand(), which it also calls
+                pcm = synth.speak(
+                    request["text"],
+                    request["voice"],
+                    request["rate"],
+                    request["pitch"],
+                    request["pitch_range"],
+                ).tobytes()
+                with os.fdopen(write_end, "wb") as f:
+                    f.write(pcm)
+            except BaseException:  # an empty answer: the caller reports the clip
+                code = 1
+            os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as f:
+            pcm = f.read()
+        os.waitpid(pid, 0)
+        out.write(len(pcm).to_bytes(4, "little") + pcm)
+        out.flush()
+
+
+if __name__ == "__main__":
+    serve()

@@ -49,7 +49,7 @@ ACCENTS = (
     "en-029",
     "en-us-nyc",
 )
-CACHE_VERSION = 2  # bump when the synthesis or front-end code changes what is cached
+CACHE_VERSION = 3  # bump when the synthesis or front-end code changes what is cached
 
 
 class SpokenDigitsDataset(TensorImageDataset):
@@ -146,29 +146,36 @@ class SpokenDigits(Source):
                     "rate": int(rng.integers(self.rate[0], self.rate[1] + 1)),
                     "pitch": int(rng.integers(self.pitch[0], self.pitch[1] + 1)),
                     "pitch_range": int(rng.integers(self.pitch_range[0], self.pitch_range[1] + 1)),
+                    "noise_seed": int(rng.integers(2**31 - 1)),
                 }
             )
         return clips
 
     def synthesize(self, clips: list[dict[str, Any]]) -> torch.Tensor:
-        """Speak the planned clips -> windowed 16 kHz waveforms (N, num_samples) int16."""
-        from ldm.audio.espeak import synthesizer
+        """Speak the planned clips -> windowed 16 kHz waveforms (N, num_samples) int16. Each clip
+        is spoken from a fresh synthesizer state (ldm.audio.espeak.speak_many): reproducible."""
+        from ldm.audio.espeak import speak_many
 
-        synth = synthesizer()
+        requests = [
+            {
+                "text": c["word"],
+                "voice": f"{c['accent']}+{c['variant']}",
+                "rate": c["rate"],
+                "pitch": c["pitch"],
+                "pitch_range": c["pitch_range"],
+                "seed": c["noise_seed"],
+            }
+            for c in clips
+        ]
+        rate, pcms = speak_many(requests)
         waves = torch.empty(len(clips), self.audio.num_samples, dtype=torch.int16)
-        for i, clip in enumerate(clips):
-            pcm = synth.speak(
-                clip["word"],
-                f"{clip['accent']}+{clip['variant']}",
-                clip["rate"],
-                clip["pitch"],
-                clip["pitch_range"],
-            )
+        for i, (clip, pcm) in enumerate(zip(clips, pcms)):
             if len(pcm) == 0:
                 raise RuntimeError(f"espeak-ng produced no audio for clip {i}: {clip}")
-            pcm = torch.from_numpy(pcm.astype(np.float32) / 32768.0)
-            wave = resample(pcm, synth.sample_rate, self.audio.sample_rate)
-            clip["seconds"] = round(len(pcm) / synth.sample_rate, 4)
+            clip["seconds"] = round(len(pcm) / rate, 4)
+            wave = resample(
+                torch.from_numpy(pcm.astype(np.float32) / 32768.0), rate, self.audio.sample_rate
+            )
             waves[i] = (self.frontend.fit_window(wave) * 32767).round().to(torch.int16)
         return waves
 

@@ -97,7 +97,7 @@ def test_datamodule_uses_the_voice_split(tmp_path):
     )
     from hydra.utils import instantiate
 
-    dm = instantiate(cfg.data)
+    dm = instantiate(cfg.data, batch_size=8)
     dm.setup()
     assert dm.modality == "audio"
     held_out = {dm.full_dataset.clips[i]["variant"] for i in dm.val_dataset.indices}
@@ -171,7 +171,8 @@ def audio_run(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_audio_debug_fast_end_to_end(audio_run, tmp_path):
     """Both stages on spoken digits, FID after the waveform round trip, WAVs during validation,
-    then sample.py writes valid WAVs of the right length and rate and ldm.audio.listen hears them."""
+    then sample.py writes valid WAVs of the right length and rate and ldm.audio.listen hears
+    them."""
     import json
 
     from omegaconf import open_dict

@@ -152,7 +152,8 @@ def check_data(data: DictConfig) -> None:
 
 
 def modality(data: Any) -> str:
-    """ "image" or "audio" (mel spectrograms) of a data config; configs without the key are images."""
+    """The kind of data a data config describes: "image", or "audio" (mel spectrograms); configs
+    without the key are images."""
     return (data or {}).get("modality", "image") or "image"
 
 
@@ -165,8 +166,8 @@ def check_modality(cfg: DictConfig) -> None:
         and cfg.fid.get("extractor") != "classifier"
     ):
         raise UserError(
-            f"fid.extractor={cfg.fid.extractor} is for images; data={cfg.data.name} is audio, judged "
-            "by the project's spectrogram classifier (fid=classifier)"
+            f"fid.extractor={cfg.fid.extractor} is for images; data={cfg.data.name} is audio, "
+            "judged by the project's spectrogram classifier (fid=classifier)"
         )
 
 

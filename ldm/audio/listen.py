@@ -81,10 +81,14 @@ def median_pitch(
 
 def classifier_for(ckpt_path: str | Path, config: dict[str, Any]):
     """The checkpoint data's spectrogram classifier (trained on its train voices; cached)."""
+    from omegaconf import OmegaConf
+
+    from ldm.config import stage_section
     from ldm.metrics.train_classifier import get_or_train_classifier
     from ldm.utils.instantiate import safe_instantiate
 
-    datamodule = safe_instantiate(config["data"], f"checkpoint {str(ckpt_path)!r} data config")
+    data = stage_section(OmegaConf.create(config), "diffusion", "data")  # shared data + stage's
+    datamodule = safe_instantiate(data, f"checkpoint {str(ckpt_path)!r} data config")
     fid = config.get("fid") or {}
     return get_or_train_classifier(
         datamodule, fid.get("cache_dir", ".cache/ldm"), **(fid.get("classifier") or {})

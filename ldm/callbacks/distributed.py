@@ -29,6 +29,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch.distributed as dist
 
+from ldm.utils.distributed import is_distributed
+
 log = logging.getLogger(__name__)
 
 EXIT_CODE = 1
@@ -69,7 +71,7 @@ class LostRankWatchdog(pl.Callback):
         self._trainer: pl.Trainer | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or trainer.world_size < 2 or not dist.is_initialized():
+        if stage != "fit" or not is_distributed():
             return
         peers: list[Any] = [None] * trainer.world_size
         dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))

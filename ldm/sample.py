@@ -53,6 +53,7 @@ class SampleConfig:
     precision: str = "32"  # 32 | bf16 | 16 (autocast; 16 needs cuda)
     # Conditional models only. null: an even spread over the classes (sample i gets class i mod K);
     # an int: every sample; a list: sample i gets list[i mod len] (num_samples entries: per sample).
+    # A class name (a class folder of data.labels=folders, stored in the checkpoint) works too.
     class_label: Any = None
     guidance_scale: float = 1.0  # classifier-free guidance: uncond + s * (cond - uncond); 1 = off
     # Text-conditioned models only: one prompt for every sample, or a file of prompts (one a line,
@@ -129,17 +130,20 @@ def check_settings(cfg: DictConfig) -> None:
 
     label = _plain(cfg.class_label)
     if isinstance(label, list):
-        if not label or not all(_is_int(x) for x in label):
+        if not label or not all(_is_int(x) or isinstance(x, str) for x in label):
             raise UserError(
-                f"class_label={label!r} must be null, an integer or a non-empty list of integers"
+                f"class_label={label!r} must be null, an integer, a class name or a non-empty "
+                "list of them"
             )
         if len(label) > cfg.num_samples:
             raise UserError(
                 f"class_label has {len(label)} entries but num_samples={cfg.num_samples}; "
                 "give at most num_samples labels"
             )
-    elif label is not None and not _is_int(label):
-        raise UserError(f"class_label={label!r} must be null, an integer or a list of integers")
+    elif label is not None and not (_is_int(label) or isinstance(label, str)):
+        raise UserError(
+            f"class_label={label!r} must be null, an integer, a class name or a list of them"
+        )
 
     read_prompts(cfg)
 
@@ -223,15 +227,17 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
 
 # ---------------------------------------------------------------------------- conditioning
 def resolve_labels(
-    class_label: int | list[int] | None,
+    class_label: int | str | list[int | str] | None,
     num_samples: int,
     num_classes: int | None,
     guidance_scale: float,
+    class_names: list[str] | None = None,
 ) -> torch.Tensor | None:
     """The label of every sample, LongTensor (num_samples,), or None for unconditional models.
 
     None on a conditional model: an even spread, sample i gets class i mod K; an int: all samples;
-    a list: sample i gets list[i mod len(list)].
+    a list: sample i gets list[i mod len(list)]. Strings are class names (`class_names`, stored
+    in checkpoints trained with data.labels=folders), integers class indices.
     """
     import torch
 
@@ -251,6 +257,7 @@ def resolve_labels(
     if class_label is None:
         return even_class_labels(num_samples, num_classes)  # (N,)
     chosen = class_label if isinstance(class_label, list) else [class_label]
+    chosen = [class_index(label, class_names) for label in chosen]
     for label in chosen:
         if not 0 <= label < num_classes:
             raise UserError(
@@ -259,7 +266,33 @@ def resolve_labels(
     return torch.tensor(chosen, dtype=torch.long)[torch.arange(num_samples) % len(chosen)]  # (N,)
 
 
-def conditioning_inputs(cfg: DictConfig, model: Any) -> dict[str, Any]:
+def class_index(label: int | str, class_names: list[str] | None) -> int:
+    """A class index as given, or the index of a class name among the checkpoint's class names."""
+    if not isinstance(label, str):
+        return label
+    if not class_names:
+        raise UserError(
+            f"class_label={label!r} is a name but the checkpoint stores no class names "
+            "(data.class_names: models trained with data.labels=folders have them); use an index"
+        )
+    if label not in class_names:
+        raise UserError(
+            f"class_label={label!r} is not one of the checkpoint's classes: "
+            f"{', '.join(class_names)}"
+        )
+    return class_names.index(label)
+
+
+def checkpoint_class_names(ckpt: Any) -> list[str] | None:
+    """The class names a checkpoint's run read from its class folders (data.class_names) or
+    None."""
+    names = ((ckpt.get("ldm") or {}).get("config") or {}).get("data", {}).get("class_names")
+    return list(names) if names else None
+
+
+def conditioning_inputs(
+    cfg: DictConfig, model: Any, class_names: list[str] | None = None
+) -> dict[str, Any]:
     """The conditioning keyword arguments of `model.sample` for all num_samples samples, each a
     tensor or list of length num_samples (sliced per batch by `generate`); {} for an unconditional
     model. The one place that turns settings into conditioning: add new kinds here.
@@ -292,7 +325,11 @@ def conditioning_inputs(cfg: DictConfig, model: Any) -> dict[str, Any]:
             "no text" + (" (use class_label=...)" if model.num_classes else "")
         )
     labels = resolve_labels(
-        _plain(cfg.class_label), cfg.num_samples, model.num_classes, cfg.guidance_scale
+        _plain(cfg.class_label),
+        cfg.num_samples,
+        model.num_classes,
+        cfg.guidance_scale,
+        class_names,
     )
     return {} if labels is None else {"class_labels": labels}
 
@@ -482,7 +519,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device, cfg.precision)
     ckpt = load_checkpoint(ckpt_path, expected_stage="diffusion")
     model = latent_diffusion_from_checkpoint(ckpt, ckpt_path, use_ema=cfg.use_ema).to(device)
-    inputs = conditioning_inputs(cfg, model)
+    class_names = checkpoint_class_names(ckpt)
+    inputs = conditioning_inputs(cfg, model, class_names)
     labels = inputs.get("class_labels")
     guidance = effective_guidance(cfg, model)
     samplers = {}  # None: the main run's; n: the NFE sweep's n-step one
@@ -554,6 +592,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "N": len(images),
         "image_shape": list(images.shape[1:]),
         "num_classes": model.num_classes,
+        "class_names": class_names,
         "guidance_scale": guidance_scale,
         **guidance,
         "labels": labels.tolist() if labels is not None else None,

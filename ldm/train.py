@@ -33,6 +33,7 @@ from torchvision.utils import make_grid, save_image
 from ldm.callbacks.checkpoint_config import StoreConfigInCheckpoint
 from ldm.callbacks.resume import ExactResume, PreemptionCheckpoint
 from ldm.config import STAGES, stage_section
+from ldm.data.folders import resolve_folder_labels
 from ldm.data.latent_cache import latent_cache_datamodule
 from ldm.models.loading import autoencoder_from_checkpoint, load_autoencoder
 from ldm.modules.text import fill_vocab
@@ -320,6 +321,7 @@ def preflight(cfg: DictConfig) -> None:
     (`validate_config`), the launch, the dirs, and a dry build, with untrained weights, of what
     each stage builds: its data module, Trainer arguments and callbacks, and stage 2's model and
     samplers (for stage=diffusion around the architecture stored in autoencoder_ckpt)."""
+    resolve_folder_labels(cfg)  # data.labels=folders: data.num_classes/class_names from the folders
     validate_config(cfg)
     check_multirun_launch(cfg)
     check_writable(cfg.paths.output_dir)

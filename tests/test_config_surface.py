@@ -109,10 +109,15 @@ def run_train(*args: str, cwd) -> subprocess.CompletedProcess:
 
 
 def test_unlabeled_folder_with_classifier_fid_fails_before_stage_1(tmp_path):
-    """It used to train stage 1, then stop at stage 2's FID callback."""
+    """It used to train stage 1, then stop at stage 2's FID callback. (The default fid=auto uses
+    self-supervised features on unlabeled data: tests/test_image_folders.py.)"""
     write_folder(tmp_path / "images")
     result = run_train(
-        "debug=fast", "data=image_folder", f"data.root={tmp_path / 'images'}", cwd=tmp_path
+        "debug=fast",
+        "data=image_folder",
+        f"data.root={tmp_path / 'images'}",
+        "fid=classifier",
+        cwd=tmp_path,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.startswith("error: fid.extractor=classifier needs labeled data")

@@ -208,7 +208,9 @@ def test_extractors_accept_rgb_and_other_sizes(tiny_extractor):
 
 
 def test_bad_inputs_name_the_bad_value():
-    with pytest.raises(ValueError, match=r"fid.extractor='vgg'.*'classifier', 'inception'"):
+    with pytest.raises(
+        ValueError, match=r"fid.extractor='vgg'.*'classifier', 'contrastive', 'inception'"
+    ):
         build_extractor("vgg")
     with pytest.raises(ValueError, match="every_n_epochs=-1"):
         FIDCallback(every_n_epochs=-1)

@@ -62,6 +62,8 @@ def test_shipped_configs_pass(tmp_path, overrides):
     """Each shipped config passes the whole preflight (config checks and the dry build of both
     stages) and gives each stage a real budget and batch."""
     cfg = compose_config(overrides, tmp_path)
+    if cfg.data.name == "image_folder":  # the folder presets need the user's folder
+        cfg.data.root = str(tmp_path)
     preflight(cfg)
     for stage in ("autoencoder", "diffusion"):
         trainer = stage_section(cfg, stage, "trainer")

@@ -35,6 +35,7 @@ from ldm.metrics.fid import (
     fid_cache_dir,
     real_features_path,
     reference_scores,
+    resolve_extractor,
 )
 from ldm.metrics.prdc import PRDC_KEYS
 from ldm.modules.conditioning import even_class_labels
@@ -58,7 +59,9 @@ class FIDCallback(pl.Callback):
     """Evaluate generated samples with FID/KID (and CAS) during training; see the module docstring.
 
     Args:
-        extractor: "classifier" (project-trained, offline) or "inception" (local weights file).
+        extractor: "auto" (classifier for labeled data, else contrastive), "classifier"
+            (project-trained on labels, offline), "contrastive" (project-trained self-supervised,
+            offline) or "inception" (local weights file).
         num_samples: images generated per evaluation (N, logged as `val/fid_num_samples`).
         batch_size: images per `sample()` call.
         every_n_epochs: evaluate after every n-th epoch and the last one; 0 disables the callback.
@@ -74,6 +77,7 @@ class FIDCallback(pl.Callback):
         kid_subsets: number of random subsets KID is averaged over.
         kid_subset_size: KID subset size (capped by the numbers of real and generated images).
         classifier: settings of the feature classifier (epochs, batch_size, lr, seed, ...).
+        contrastive: settings of the self-supervised network (ldm.metrics.contrastive).
         seed: seeds the sampling noise (the same noise every evaluation, so scores compare
             across epochs).
         log_reference: log the real-floor / noise-ceiling reference scores once.
@@ -102,6 +106,7 @@ class FIDCallback(pl.Callback):
         nearest_k: int = 3,
         guidance_interval: list[float | None] | None = None,
         guidance_rescale: float | None = None,
+        contrastive: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if every_n_epochs < 0:
@@ -132,6 +137,7 @@ class FIDCallback(pl.Callback):
             raise UserError(f"fid.{err}") from err
         self.guidance_interval, self.guidance_rescale = guidance_interval, guidance_rescale
         self.classifier_settings = dict(classifier or {})
+        self.contrastive_settings = dict(contrastive or {})
         self.log_reference, self.progress_bar, self.datamodule = (
             log_reference,
             progress_bar,
@@ -224,6 +230,7 @@ class FIDCallback(pl.Callback):
                 self.inception_weights,
                 self.classifier_settings,
                 verbose=trainer.is_global_zero,
+                contrastive=self.contrastive_settings,
             )
             extractor.to(pl_module.device)
             real_file = real_features_path(self.cache_dir, datamodule.fingerprint(), extractor)
@@ -237,6 +244,9 @@ class FIDCallback(pl.Callback):
 
         extractor, classifier, real = self._rank_zero_first(trainer, load)
         transform = evaluation_transform(datamodule)  # audio: judged after the waveform round trip
+        self.extractor_name = resolve_extractor(
+            self.extractor_name, getattr(datamodule, "num_classes", None) is not None
+        )
         num_classes = datamodule.num_classes if model_num_classes(pl_module) is not None else None
         self.metrics = SampleMetrics(
             extractor,

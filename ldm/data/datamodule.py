@@ -44,6 +44,11 @@ class ImageDataModule(pl.LightningDataModule):
     otherwise the source's own `split()` if it has one, else a seeded random split.
     `image_datamodule`: for a module serving latents, the module of the images they were encoded
     from (FID compares generated images against those).
+    Image folders (ldm.data.folders): `labels`, `load_size`, `preprocessed_cache` are user-facing
+    keys that the source config interpolates; `class_names` (set from the class folders by
+    `resolve_folder_labels`) must match the folders the source reads. `random_flip` and
+    `crop=center|random` augment training batches only (`train_dataloader`), never `train_dataset`
+    itself, which FID reads as the real images.
     """
 
     def __init__(
@@ -66,6 +71,12 @@ class ImageDataModule(pl.LightningDataModule):
         image_datamodule: ImageDataModule | None = None,
         modality: str = "image",
         indices: tuple[list[int], list[int]] | None = None,
+        labels: str = "none",
+        class_names: list[str] | None = None,
+        random_flip: bool = False,
+        crop: str = "center",
+        load_size: int | None = None,
+        preprocessed_cache: bool = False,
     ):
         super().__init__()
         if modality not in MODALITIES:
@@ -80,6 +91,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.batch_size, self.val_fraction, self.split_seed = batch_size, val_fraction, split_seed
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.labels, self.load_size, self.preprocessed_cache = labels, load_size, preprocessed_cache
+        self.class_names = list(class_names) if class_names is not None else None
+        self.random_flip, self.crop = bool(random_flip), crop
         self.full_dataset: Dataset | None = None
         self.train_dataset: Subset | None = None
         self.val_dataset: Subset | None = None
@@ -118,6 +132,17 @@ class ImageDataModule(pl.LightningDataModule):
                 f"data.num_classes={self.num_classes} "
                 f"but the source {'has' if has_labels else 'has no'} labels"
             )
+        found = getattr(self.source, "class_names", None)
+        if found is not None and (
+            len(found) != self.num_classes
+            or (self.class_names is not None and self.class_names != found)
+        ):
+            raise ValueError(
+                f"data.num_classes={self.num_classes}, data.class_names={self.class_names} but the "
+                f"class folders are {found}"
+            )
+        if found is not None and self.class_names is None:
+            self.class_names = list(found)
 
     @property
     def num_skipped(self) -> int:
@@ -149,11 +174,16 @@ class ImageDataModule(pl.LightningDataModule):
         world, rank = (
             (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         )
+        dataset = self.train_dataset
+        if self.random_flip or self.crop != "center":
+            from ldm.data.folders import Augmented
+
+            dataset = Augmented(dataset, self.random_flip, self.crop)
         sampler = ResumableSampler(
-            self.train_dataset, num_replicas=world, rank=rank, seed=torch.initial_seed()
+            dataset, num_replicas=world, rank=rank, seed=torch.initial_seed()
         )
         return ResumableDataLoader(
-            self.train_dataset,
+            dataset,
             sampler=sampler,
             batch_size=self.batch_size,
             drop_last=self.drop_last and len(self.train_dataset) > self.batch_size,

@@ -244,27 +244,51 @@ IMAGE_ERRORS = (
 class ImageFolderDataset(Dataset):
     """Images read lazily from files, EXIF-oriented, converted to `mode`, resized, center-cropped.
 
-    Images whose shorter side is below `image_size` are upscaled (logged once) unless
-    `allow_upscale=False`, which makes them an error naming the file.
+    Each file is decoded to a (C, L, L) uint8 square (`pixels`): shorter side resized to
+    `load_size` (default `image_size`), center-cropped; items are its center `image_size` crop in
+    [-1, 1] (training batches may crop elsewhere: ldm.data.folders.Augmented), with the class index
+    when `labels` are given. Images whose shorter side is below `image_size` are upscaled (logged
+    once) unless `allow_upscale=False`, which makes them an error naming the file.
     """
 
     def __init__(
-        self, paths: Sequence[Path], image_size: int, mode: str, allow_upscale: bool = True
+        self,
+        paths: Sequence[Path],
+        image_size: int,
+        mode: str,
+        allow_upscale: bool = True,
+        labels: Sequence[int] | None = None,
+        load_size: int | None = None,
+        root: Path | None = None,
     ):
-        self.paths, self.mode = list(paths), mode
+        self.paths, self.mode, self.root = list(paths), mode, root
         self.captions: list[str] | None = None  # one per path (ImageFolder with captions)
         self.image_size, self.allow_upscale = image_size, allow_upscale
+        self.load_size = load_size or image_size
+        if self.load_size < image_size:
+            raise UserError(
+                f"data.load_size={load_size} is smaller than data.image_size={image_size}"
+            )
+        self.labels = None if labels is None else torch.as_tensor(list(labels), dtype=torch.long)
+        if self.labels is not None and len(self.labels) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} files but {len(self.labels)} labels")
         self.warned_upscale = False
         self.transform = v2.Compose(
             [
                 v2.PILToTensor(),
-                v2.Resize(image_size, antialias=True),
-                v2.CenterCrop(image_size),
+                v2.Resize(self.load_size, antialias=True),
+                v2.CenterCrop(self.load_size),
             ]
         )
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Keep only these items (files dropped by data.skip_corrupt), labels included."""
+        self.paths = [self.paths[i] for i in indices]
+        if self.labels is not None:
+            self.labels = self.labels[list(indices)]
 
     def load_image(self, path: Path) -> Image.Image:
         """Open, orient and convert one file; a UserError names the file when it is unreadable,
@@ -289,9 +313,17 @@ class ImageFolderDataset(Dataset):
                 )
         return img
 
+    def decode(self, path: Path) -> torch.Tensor:
+        """One file as the stored (C, load_size, load_size) uint8 square."""
+        return self.transform(self.load_image(path))
+
+    def pixels(self, index: int) -> torch.Tensor:
+        return self.decode(self.paths[index])
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        pixels = self.transform(self.load_image(self.paths[index]))  # (C, S, S) uint8
-        item = {"image": to_unit_range(pixels, 255.0)}
+        from ldm.data.folders import folder_item
+
+        item = folder_item(self.pixels(index), self.image_size, self.labels, index)
         if self.captions is not None:
             item["caption"] = self.captions[index]
         return item
@@ -345,11 +377,15 @@ def convert_mode(img: Image.Image, mode: str) -> Image.Image:
 
 
 class ImageFolder(Source):
-    """Every image under `root` (recursive, common extensions), as RGB or grayscale, unlabeled.
+    """Every image under `root` (recursive, common extensions), as RGB or grayscale.
 
-    A broken file fails with an error naming it when it is first read. `skip_corrupt=True` instead
-    opens and decodes every file up front (threads; a progress bar above 1,000 files), drops the
-    unreadable ones and logs how many; `num_skipped` and `skipped` (path, reason) keep the record.
+    `labels="folders"`: one class per subfolder of `root` (torchvision's ImageFolder convention,
+    ldm.data.folders); `"none"` (default): unlabeled. A broken file fails with an error naming it
+    when it is first read. `skip_corrupt=True` instead opens and decodes every file up front
+    (threads; a progress bar above 1,000 files), drops the unreadable ones and logs how many;
+    `num_skipped` and `skipped` (path, reason) keep the record. `preprocessed_cache=True` decodes
+    every file once into a memory-mapped uint8 file under `cache_dir` (ldm.data.folders), which
+    later epochs and runs read instead of the image files.
     """
 
     name = "image_folder"
@@ -366,13 +402,26 @@ class ImageFolder(Source):
         allow_upscale: bool = True,
         captions: bool = False,
         caption_column: str = "text",
+        labels: str = "none",
+        load_size: int | None = None,
+        preprocessed_cache: bool = False,
+        cache_dir: str | None = None,
     ):
+        from ldm.data.folders import LABEL_MODES
+
         if mode not in self.MODES:
             raise ValueError(f"data.source.mode={mode!r} is not one of {list(self.MODES)}")
+        if labels not in LABEL_MODES:
+            raise UserError(f"data.labels={labels!r} is not one of {'|'.join(LABEL_MODES)}")
+        if preprocessed_cache and not cache_dir:
+            raise UserError("data.preprocessed_cache=true needs data.source.cache_dir")
         self.root, self.image_size, self.mode = Path(root), image_size, mode
         self.skip_corrupt, self.allow_upscale = skip_corrupt, allow_upscale
         self.captions, self.caption_column = captions, caption_column
+        self.labels, self.load_size = labels, load_size
+        self.preprocessed_cache, self.cache_dir = preprocessed_cache, cache_dir
         self.skipped: list[tuple[Path, str]] = []
+        self.class_names: list[str] | None = None
 
     @property
     def num_skipped(self) -> int:
@@ -388,26 +437,79 @@ class ImageFolder(Source):
             )
         return files
 
-    def build(self) -> ImageFolderDataset:
+    def build(self) -> Dataset:
+        from ldm.data.folders import build_preprocessed_cache, list_labelled_files
+
+        labels = None
+        if self.labels == "folders":
+            files, labels, self.class_names = list_labelled_files(self.root)
+            self.num_classes = len(self.class_names)
+        else:
+            files = self.list_files()
         dataset = ImageFolderDataset(
-            self.list_files(), self.image_size, self.mode, self.allow_upscale
+            files,
+            self.image_size,
+            self.mode,
+            self.allow_upscale,
+            labels=labels,
+            load_size=self.load_size,
+            root=self.root,
         )
+        if self.preprocessed_cache:
+            key = self.cache_key(dataset)
+            cached, self.skipped = build_preprocessed_cache(
+                dataset, self.cache_dir, key, self.skip_corrupt
+            )
+            self.log_skipped(len(files))
+            self.check_classes(cached.labels)
+            if self.captions:
+                self.attach_captions(cached)
+            return cached
         if self.skip_corrupt:
-            dataset.paths = self.readable(dataset)
+            self.readable(dataset)
+            self.check_classes(dataset.labels)
+        elif labels is not None:
+            self.check_classes_readable(dataset)
         if self.captions:
-            table = read_captions(self.root, self.caption_column)
-            missing = [p for p in dataset.paths if p.relative_to(self.root).as_posix() not in table]
-            if missing:
-                raise UserError(
-                    f"{len(missing)} images under data.root={str(self.root)!r} have no caption "
-                    f"(first: {missing[0].relative_to(self.root).as_posix()!r})"
-                )
-            dataset.captions = [table[p.relative_to(self.root).as_posix()] for p in dataset.paths]
+            self.attach_captions(dataset)
         return dataset
 
+    def check_classes(self, labels: torch.Tensor | None) -> None:
+        """After unreadable files were dropped: every class folder still has an image."""
+        if labels is None or self.class_names is None:
+            return
+        counts = torch.bincount(labels, minlength=len(self.class_names))
+        for k, name in enumerate(self.class_names):
+            if counts[k] == 0:
+                first = next(
+                    (r for p, r in self.skipped if p.is_relative_to(self.root / name)), "?"
+                )
+                raise UserError(
+                    f"class folder {str(self.root / name)!r} holds no readable image "
+                    f"(first: {first})"
+                )
+
+    def check_classes_readable(self, dataset: ImageFolderDataset) -> None:
+        """Without skip_corrupt: decode files of each class until one reads (usually the first), so
+        a class folder of nothing but broken files fails now, not mid-training."""
+        for k, name in enumerate(self.class_names or []):
+            members = (dataset.labels == k).nonzero().flatten().tolist()
+            first = None
+            for i in members:
+                try:
+                    dataset.load_image(dataset.paths[i])
+                    break
+                except UserError as err:
+                    first = first or str(err)
+            else:
+                raise UserError(
+                    f"class folder {str(self.root / name)!r} holds no readable image "
+                    f"(first: {first})"
+                )
+
     def readable(self, dataset: ImageFolderDataset) -> list[Path]:
-        """The files of `dataset` that load; records the others in `self.skipped` and logs the
-        count."""
+        """Keep the files of `dataset` that load; records the others in `self.skipped` and logs
+        the count."""
         paths = dataset.paths
 
         def problem(path: Path) -> tuple[str | None, bool]:  # (error, upscaled)
@@ -428,20 +530,13 @@ class ImageFolder(Source):
                 )
             )
         self.skipped = [(p, err) for p, (err, _) in zip(paths, results) if err is not None]
-        kept = [p for p, (err, _) in zip(paths, results) if err is None]
+        kept = [i for i, (err, _) in enumerate(results) if err is None]
         if not kept:
             raise UserError(
                 f"data.root={str(self.root)!r} holds no readable images: all {len(paths)} files "
                 f"failed (first: {self.skipped[0][1]})"
             )
-        if self.skipped:
-            log.warning(
-                "data.skip_corrupt=true: skipped %d of %d image files under %s (first: %s)",
-                self.num_skipped,
-                len(paths),
-                self.root,
-                self.skipped[0][1],
-            )
+        self.log_skipped(len(paths))
         upscaled = sum(up for _, up in results)
         if upscaled:
             log.warning(
@@ -450,16 +545,59 @@ class ImageFolder(Source):
                 len(kept),
                 self.image_size,
             )
-        return kept
+        dataset.keep(kept)
+        return dataset.paths
 
-    def fingerprint(self, dataset: ImageFolderDataset) -> str:
-        digest = hashlib.sha256()
-        for p in dataset.paths:
-            stat = p.stat()
-            digest.update(f"{p.relative_to(self.root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-        if dataset.captions is not None:
-            digest.update("\n".join(dataset.captions).encode())
-        return f"folder-{self.image_size}-{self.mode}-{digest.hexdigest()[:16]}"
+    def log_skipped(self, total: int) -> None:
+        if self.skipped:
+            log.warning(
+                "data.skip_corrupt=true: skipped %d of %d image files under %s (first: %s)",
+                self.num_skipped,
+                total,
+                self.root,
+                self.skipped[0][1],
+            )
+
+    def settings_tag(self) -> str:
+        """Decoding settings besides size and mode that change the items (empty at the defaults,
+        so fingerprints of unlabeled folders stay what they were)."""
+        tag = ""
+        if self.load_size and self.load_size != self.image_size:
+            tag += f"-load{self.load_size}"
+        if self.class_names is not None:
+            tag += f"-c{len(self.class_names)}"
+        return tag
+
+    def cache_key(self, dataset: ImageFolderDataset) -> str:
+        """Preprocessed-cache key: every listed file (before skipping) and the decoding settings."""
+        from ldm.data.folders import listing_hash
+
+        labels = None if dataset.labels is None else dataset.labels.tolist()
+        digest = listing_hash(self.root, dataset.paths, labels)
+        upscale = "" if self.allow_upscale else "-noup"
+        return f"folder-{self.image_size}-{self.mode}{self.settings_tag()}{upscale}-{digest}"
+
+    def fingerprint(self, dataset: Dataset) -> str:
+        from ldm.data.folders import listing_hash
+
+        labels = getattr(dataset, "labels", None)
+        digest = listing_hash(self.root, dataset.paths, None if labels is None else labels.tolist())
+        captions = getattr(dataset, "captions", None)
+        if captions is not None:
+            joined = digest + "\n" + "\n".join(captions)
+            digest = hashlib.sha256(joined.encode()).hexdigest()[:16]
+        return f"folder-{self.image_size}-{self.mode}{self.settings_tag()}-{digest}"
+
+    def attach_captions(self, dataset: Dataset) -> None:
+        """data.source.captions=true: one caption per kept image, from the captions file."""
+        table = read_captions(self.root, self.caption_column)
+        missing = [p for p in dataset.paths if p.relative_to(self.root).as_posix() not in table]
+        if missing:
+            raise UserError(
+                f"{len(missing)} images under data.root={str(self.root)!r} have no caption "
+                f"(first: {missing[0].relative_to(self.root).as_posix()!r})"
+            )
+        dataset.captions = [table[p.relative_to(self.root).as_posix()] for p in dataset.paths]
 
 
 CAPTION_FILES = ("captions.jsonl", "metadata.jsonl", "metadata.csv")

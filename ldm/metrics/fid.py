@@ -14,8 +14,13 @@ Feature extractors take float images in [0, 1] (torchmetrics' `normalize=True` c
 channel count that can be mapped to theirs (1 <-> 3) and any size (resized):
 - `ClassifierFeatures`: penultimate layer of the project's own classifier (ldm.metrics.classifier),
   trained once per dataset — works on machines without internet;
+- `ContrastiveFeatures`: pooled trunk of a small network trained self-supervised (SimCLR) on the
+  dataset itself (ldm.metrics.contrastive) — for unlabeled data, offline;
 - `InceptionFeatures`: the 2048-d pool features of the TF FID Inception v3, from a local weights
   file.
+
+`fid.extractor=auto` picks the classifier for labeled data and the contrastive network otherwise.
+Only Inception features give scores comparable with published FIDs; the others track a run.
 
 Features are extracted once per image batch and fed to both metrics (their `feature` module is a
 float64 pass-through), so FID and KID see identical features and extraction is not run twice.
@@ -40,6 +45,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from ldm.data.sources import tensor_fingerprint
 from ldm.metrics.classifier import FeatureClassifier
+from ldm.metrics.contrastive import ContrastiveEncoder, get_or_train_contrastive
 from ldm.metrics.prdc import PRDC, PRDC_KEYS
 from ldm.metrics.train_classifier import (
     get_or_train_classifier,
@@ -52,7 +58,7 @@ from ldm.utils.checkpoint import file_sha256, read_torch_file
 from ldm.utils.distributed import is_distributed
 from ldm.utils.errors import UserError
 
-EXTRACTORS = ("classifier", "inception")
+EXTRACTORS = ("auto", "classifier", "contrastive", "inception")
 # The TF FID Inception weights as ported by pytorch-fid (first) and torch-fidelity (second);
 # same keys.
 INCEPTION_FILE_NAMES = (
@@ -116,7 +122,32 @@ class ClassifierFeatures(_FrozenExtractor):
         return self.classifier(self.prepare(x))  # (B, num_classes)
 
 
-# ---- Inception (TF FID variant) ------------------------------------------------------------------
+class ContrastiveFeatures(_FrozenExtractor):
+    """Pooled trunk features (B, feature_dim) of a self-supervised ContrastiveEncoder, for images
+    in [0, 1]."""
+
+    def __init__(self, encoder: ContrastiveEncoder):
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.num_features = encoder.feature_dim
+        weights = [t.float() for t in encoder.state_dict().values()]
+        self.cache_key = f"contrastive-{tensor_fingerprint(*weights)}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = match_channels(x.float(), self.encoder.in_channels)
+        return self.encoder.features(resize(x, self.encoder.input_size) * 2.0 - 1.0)
+
+
+def resolve_extractor(name: str, labeled: bool) -> str:
+    """`auto` -> `classifier` for labeled data, `contrastive` otherwise; other names as they are."""
+    if name not in EXTRACTORS:
+        raise UserError(f"fid.extractor={name!r} is not one of {list(EXTRACTORS)}")
+    if name == "auto":
+        return "classifier" if labeled else "contrastive"
+    return name
+
+
+# ---- Inception (TF FID variant) -----------------------------------------------------------------
 # The FID Inception differs from torchvision's in its pooling branches: TF's average pool ignores
 # the zero padding (count_include_pad=False), and the last block (Mixed_7c) max-pools.
 
@@ -259,7 +290,7 @@ class InceptionFeatures(_FrozenExtractor):
         return net.avgpool(x).flatten(1)  # (B, 2048, 8, 8) -> (B, 2048)
 
 
-# ---- metrics -------------------------------------------------------------------------------------
+# ---- metrics ------------------------------------------------------------------------------------
 
 
 class _Float64Features(nn.Module):
@@ -423,7 +454,7 @@ class SampleMetrics(nn.Module):
         self.num_fake.zero_()
 
 
-# ---- real features, caching, one-call evaluation -------------------------------------------------
+# ---- real features, caching, one-call evaluation ------------------------------------------------
 
 
 @torch.no_grad()
@@ -495,25 +526,37 @@ def build_extractor(
     inception_weights: str | Path | None = None,
     classifier: dict[str, Any] | None = None,
     verbose: bool = True,
+    contrastive: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, ClassifierFeatures | None]:
     """(FID feature extractor, classifier for CAS or None) for `fid.extractor=<name>`.
 
     The classifier (trained on demand, cached) is returned whenever the data has labels, so CAS
-    is available with either extractor.
+    is available with every extractor; `auto` resolves by labels (`resolve_extractor`).
     """
-    if name not in EXTRACTORS:
-        raise UserError(f"fid.extractor={name!r} is not one of {list(EXTRACTORS)}")
     labeled = datamodule is not None and getattr(datamodule, "num_classes", None) is not None
+    name = resolve_extractor(name, labeled)
+    if name == "classifier" and not labeled:
+        raise UserError(
+            "fid.extractor=classifier needs a labeled dataset (data.num_classes is null); use "
+            "fid=auto (self-supervised features on unlabeled data) or fid=inception with "
+            "fid.inception_weights=PATH"
+        )
+    if (labeled or name == "contrastive") and (datamodule is None or cache_dir is None):
+        raise UserError(f"fid.extractor={name} needs the data module and fid.cache_dir")
     clf = None
-    if labeled or name == "classifier":
-        if datamodule is None or cache_dir is None:
-            raise UserError("fid.extractor=classifier needs the data module and fid.cache_dir")
+    if labeled:
         model, _ = get_or_train_classifier(
             datamodule, cache_dir, verbose=verbose, **(classifier or {})
         )
         clf = ClassifierFeatures(model)
-    extractor = clf if name == "classifier" else InceptionFeatures(inception_weights)
-    return extractor, clf
+    if name == "classifier":
+        return clf, clf
+    if name == "contrastive":
+        encoder, _ = get_or_train_contrastive(
+            datamodule, cache_dir, verbose=verbose, **(contrastive or {})
+        )
+        return ContrastiveFeatures(encoder), clf
+    return InceptionFeatures(inception_weights), clf
 
 
 def evaluation_transform(datamodule: Any) -> nn.Module | None:

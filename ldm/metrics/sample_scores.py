@@ -86,6 +86,9 @@ def build_evaluator(
     classifier_cfg = metrics_cfg.get("classifier")
     if isinstance(classifier_cfg, DictConfig):
         classifier_cfg = OmegaConf.to_container(classifier_cfg, resolve=True)
+    contrastive_cfg = metrics_cfg.get("contrastive")
+    if isinstance(contrastive_cfg, DictConfig):
+        contrastive_cfg = OmegaConf.to_container(contrastive_cfg, resolve=True)
     try:
         datamodule = safe_instantiate(data_cfg, where=f"checkpoint {str(path)!r} (data)")
         datamodule.setup("fit")
@@ -95,6 +98,7 @@ def build_evaluator(
             metrics_cfg.cache_dir,
             metrics_cfg.get("inception_weights"),
             classifier_cfg,
+            contrastive=contrastive_cfg,
         )
     except (ValueError, FileNotFoundError) as err:
         if isinstance(err, UserError):

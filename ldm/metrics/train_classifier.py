@@ -124,10 +124,10 @@ def train_classifier(
     """
     if epochs <= 0:
         raise UserError(f"fid.classifier.epochs={epochs} must be >= 1")
-    if len(train_images) < batch_size:
-        raise ValueError(
-            f"{len(train_images)} training images < fid.classifier.batch_size={batch_size}"
-        )
+    # A small dataset (an image folder of a few dozen files) trains on all of it in one batch.
+    batch_size = min(batch_size, len(train_images))
+    if batch_size < 2:
+        raise UserError(f"the FID classifier needs >= 2 training images, got {len(train_images)}")
     start = time.perf_counter()
     _, channels, height, width = train_images.shape
     if height != width:
@@ -238,8 +238,9 @@ def get_or_train_classifier(
     settings["widths"] = [int(w) for w in settings["widths"]]
     if getattr(datamodule, "num_classes", None) is None:
         raise UserError(
-            "fid.extractor=classifier needs a labeled dataset (data.num_classes is null); "
-            "use fid=inception with fid.inception_weights=PATH"
+            "fid.extractor=classifier needs a labeled dataset (data.num_classes is null); use "
+            "fid=auto (self-supervised features on unlabeled data) or fid=inception with "
+            "fid.inception_weights=PATH"
         )
     datamodule.setup("fit")
     weights, summary_path = classifier_paths(cache_dir, datamodule.fingerprint(), settings)

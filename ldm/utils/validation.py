@@ -44,6 +44,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_wandb(cfg)
     check_data(cfg.data)
     check_modality(cfg)
+    check_fid(cfg)
     if cfg.stage == "diffusion":
         cfg = with_stage1_autoencoder(cfg)
     autoencoder = OmegaConf.to_container(cfg.model.autoencoder, resolve=True)
@@ -52,7 +53,6 @@ def validate_config(cfg: DictConfig) -> None:
         check_autoencoder_stage_trainer(cfg)
     if cfg.stage in ("all", "diffusion"):
         check_unet(cfg, autoencoder)
-        check_fid(cfg)
         check_guidance_settings(cfg)
 
 
@@ -139,6 +139,8 @@ def check_run_keys(cfg: DictConfig) -> None:
 
 
 def check_data(data: DictConfig) -> None:
+    if data.get("name") == "image_folder":
+        check_image_folder(data)
     mode = OmegaConf.select(data, "source.mode")
     if (
         mode in IMAGE_FOLDER_MODE_CHANNELS
@@ -160,14 +162,61 @@ def modality(data: Any) -> str:
 def check_modality(cfg: DictConfig) -> None:
     """Audio data (mel spectrograms) is judged by the spectrogram classifier: the Inception
     extractor is for photographs and refuses it."""
-    if (
-        modality(cfg.data) == "audio"
-        and cfg.get("fid")
-        and cfg.fid.get("extractor") != "classifier"
-    ):
+    extractor = cfg.get("fid") and cfg.fid.get("extractor")
+    if extractor == "auto":  # fid=auto: the classifier on labeled data (ldm.metrics.fid)
+        extractor = "classifier" if cfg.data.get("num_classes") is not None else "contrastive"
+    if modality(cfg.data) == "audio" and extractor and extractor != "classifier":
         raise UserError(
-            f"fid.extractor={cfg.fid.extractor} is for images; data={cfg.data.name} is audio, "
+            f"fid.extractor={extractor} is for images; data={cfg.data.name} is audio, "
             "judged by the project's spectrogram classifier (fid=classifier)"
+        )
+
+
+def check_image_folder(data: DictConfig) -> None:
+    """data=image_folder's labels, crop and load_size (ldm.data.folders)."""
+    from ldm.data.folders import CROP_MODES, LABEL_MODES
+
+    labels = data.get("labels", "none")
+    if labels not in LABEL_MODES:
+        raise UserError(f"data.labels={labels!r} is not one of {'|'.join(LABEL_MODES)}")
+    if labels == "folders" and data.get("num_classes") is None:
+        raise UserError(
+            "data.labels=folders but data.num_classes is null: the class folders were not read "
+            "(ldm.data.folders.resolve_folder_labels runs before validate_config)"
+        )
+    crop = data.get("crop", "center")
+    if crop not in CROP_MODES:
+        raise UserError(f"data.crop={crop!r} is not one of {'|'.join(CROP_MODES)}")
+    size, load = data.get("image_size"), data.get("load_size")
+    if load is not None and load < size:
+        raise UserError(
+            f"data.load_size={load} is smaller than data.image_size={size}; use >= {size} or null"
+        )
+    if crop == "random" and (load is None or load <= size):
+        raise UserError(
+            f"data.crop=random needs data.load_size > data.image_size={size} (the square it crops "
+            f"from), e.g. data.load_size={size + size // 8}"
+        )
+
+
+def check_fid(cfg: DictConfig) -> None:
+    """The FID extractor fits the data: the classifier needs labels (fid=auto picks for you)."""
+    fid = cfg.get("fid")
+    if fid is None or cfg.stage == "autoencoder":
+        return
+    every = OmegaConf.select(cfg, "callbacks.diffusion.fid.every_n_epochs", default=None)
+    if OmegaConf.select(cfg, "callbacks.diffusion.fid", default=None) is None or every == 0:
+        return
+    from ldm.metrics.fid import EXTRACTORS  # torch: imported only when needed
+
+    name = fid.get("extractor")
+    if name not in EXTRACTORS:
+        raise UserError(f"fid.extractor={name!r} is not one of {'|'.join(EXTRACTORS)}")
+    if name == "classifier" and cfg.data.get("num_classes") is None:
+        raise UserError(
+            f"fid.extractor=classifier needs labeled data, but data.name={cfg.data.get('name')} "
+            "has no labels (data.num_classes=null); use fid=auto (self-supervised features for "
+            "unlabeled data), fid=inception fid.inception_weights=PATH, or fid.every_n_epochs=0"
         )
 
 
@@ -217,22 +266,6 @@ def check_trainer_arguments(trainer_cfg: dict[str, Any], stage: str) -> None:
                 f"{stage}.trainer.{key} (or trainer.{key}) is not an argument of "
                 "pytorch_lightning.Trainer; check the spelling"
             )
-
-
-def check_fid(cfg: DictConfig) -> None:
-    """The FID callback of stage 2 can run with the data and extractor chosen."""
-    fid_cb = OmegaConf.select(cfg, "callbacks.diffusion.fid")
-    every = OmegaConf.select(cfg, "fid.every_n_epochs", default=0)
-    extractor = OmegaConf.select(cfg, "fid.extractor")
-    if fid_cb is None or not every:
-        return
-    if extractor == "classifier" and cfg.data.get("num_classes") is None:
-        raise UserError(
-            "fid.extractor=classifier needs labeled data, but "
-            f"data.name={cfg.data.get('name')} has no labels (data.num_classes=null); "
-            "use fid=inception fid.inception_weights=PATH, or "
-            "fid.every_n_epochs=0 to turn FID off"
-        )
 
 
 def check_unet(cfg: DictConfig, autoencoder: dict[str, Any]) -> None:

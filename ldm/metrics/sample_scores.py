@@ -78,7 +78,7 @@ def build_evaluator(
         raise UserError(
             f"checkpoint {str(path)!r} stores no data config; fid/nfe_sweep need the dataset"
         )
-    if data_cfg.get("modality") == "audio" and metrics_cfg.extractor != "classifier":
+    if data_cfg.get("modality") == "audio" and metrics_cfg.extractor not in ("classifier", "auto"):
         raise UserError(
             f"fid@metrics={metrics_cfg.extractor} is for images; checkpoint {str(path)!r} makes "
             "audio, judged by the spectrogram classifier (fid@metrics=classifier)"

@@ -3,7 +3,6 @@ the stage(s) that run; nothing is silently ignored, and what would fail in stage
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ from ldm.config import stage_section
 from ldm.train import preflight, stage_datamodule
 from ldm.utils.errors import UserError
 from tests.conftest import ROOT, compose_config
+from tests.train_cli import train_cli
 
 # (overrides, {stage: (max_epochs, max_steps, batch_size, accumulate_grad_batches)})
 DOCUMENTED = [
@@ -96,23 +96,11 @@ def write_folder(root, n=4):
         Image.new("RGB", (64, 64), (40 * i, 80, 120)).save(root / f"{i}.png")
 
 
-def run_train(*args: str, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_unlabeled_folder_with_classifier_fid_fails_before_stage_1(tmp_path):
     """It used to train stage 1, then stop at stage 2's FID callback. (The default fid=auto uses
     self-supervised features on unlabeled data: tests/test_image_folders.py.)"""
     write_folder(tmp_path / "images")
-    result = run_train(
+    result = train_cli(
         "debug=fast",
         "data=image_folder",
         f"data.root={tmp_path / 'images'}",
@@ -129,7 +117,7 @@ def test_logger_null_callbacks_null_and_a_step_budget_train_both_stages(tmp_path
     """`logger=null` and `callbacks=null` (Hydra alone rejects `GROUP=null`), `trainer.max_steps`
     and `data.batch_size` as a Lightning user types them: both stages train exactly 2 steps of 4
     images and keep their final weights (no checkpoint callback), nothing is logged."""
-    result = run_train(
+    result = train_cli(
         "debug=fast",
         "logger=null",
         "callbacks=null",

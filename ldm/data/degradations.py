@@ -20,6 +20,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -135,29 +136,38 @@ def box_mask(size: int, area: float, generator: torch.Generator) -> torch.Tensor
 def stroke_mask(size: int, area: float, generator: torch.Generator, width: float) -> torch.Tensor:
     """Free-form brush strokes (random walks of thick segments, DeepFill v2 Algorithm 1) added one
     segment at a time until at least `area` of the pixels are covered: (1, size, size) float.
-    Brush width is drawn in [width / 2, width] pixels per stroke."""
-    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
-    mask = torch.zeros(size, size, dtype=torch.bool)
+    Brush width is drawn in [width / 2, width] pixels per stroke; a stroke has 2-5 segments of
+    length size/8 .. size/3, each turning by up to 60 degrees. The random numbers are drawn from
+    `generator` in one call (fast: the geometry runs in numpy on the size x size grid)."""
+    max_strokes = 64
+    u = torch.rand(max_strokes, 5 + 3 * 5, generator=generator, dtype=torch.float64).numpy()
+    centres = np.arange(size) + 0.5
+    yy, xx = np.meshgrid(centres, centres, indexing="ij")
+    mask = np.zeros((size, size), dtype=bool)
     target = area * size * size
-    for _ in range(1000):  # strokes; each is short, so the loop ends long before this bound
-        y, x = _uniform(generator, 0, size), _uniform(generator, 0, size)
-        radius = _uniform(generator, width / 2, width) / 2
-        angle = _uniform(generator, 0, 2 * math.pi)
-        for _ in range(int(torch.randint(2, 6, (), generator=generator))):
-            angle += _uniform(generator, -math.pi / 3, math.pi / 3)
-            length = _uniform(generator, size / 8, size / 3)
+    for r in u:  # one stroke per row of uniforms
+        y, x = r[0] * size, r[1] * size
+        radius = (width / 2 + r[2] * width / 2) / 2
+        angle = r[3] * 2 * math.pi
+        segments = 2 + int(r[4] * 4)  # 2..5
+        for k in range(segments):
+            angle += (r[5 + 3 * k] * 2 - 1) * math.pi / 3
+            length = size / 8 + r[6 + 3 * k] * (size / 3 - size / 8)
             y1 = min(max(y + length * math.sin(angle), 0.0), float(size))
             x1 = min(max(x + length * math.cos(angle), 0.0), float(size))
-            # distance of every pixel centre to the segment (y, x) -> (y1, x1)
+            # distance to the segment (y, x) -> (y1, x1) of the pixel centres in its bounding box
+            top, bottom = max(int(min(y, y1) - radius), 0), min(int(max(y, y1) + radius) + 1, size)
+            left, right = max(int(min(x, x1) - radius), 0), min(int(max(x, x1) + radius) + 1, size)
+            py, px = yy[top:bottom, left:right], xx[top:bottom, left:right]
             dy, dx = y1 - y, x1 - x
-            t = ((yy - y) * dy + (xx - x) * dx) / max(dy * dy + dx * dx, 1e-8)
-            t = t.clamp(0.0, 1.0)
-            dist2 = (yy - (y + t * dy)) ** 2 + (xx - (x + t * dx)) ** 2
-            mask |= dist2 <= radius * radius
+            t = ((py - y) * dy + (px - x) * dx) / max(dy * dy + dx * dx, 1e-8)
+            t = np.minimum(np.maximum(t, 0.0), 1.0)
+            near = (py - (y + t * dy)) ** 2 + (px - (x + t * dx)) ** 2 <= radius * radius
+            mask[top:bottom, left:right] |= near
             y, x = y1, x1
             if mask.sum() >= target:
-                return mask[None].float()
-    return mask[None].float()
+                return torch.from_numpy(mask)[None].float()
+    return torch.from_numpy(mask)[None].float()
 
 
 class Inpainting:

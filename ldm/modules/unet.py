@@ -61,6 +61,12 @@ class UNet(nn.Module):
         dropout: dropout inside ResBlocks.
         num_classes: None for an unconditional model; otherwise labels 0..num_classes-1 and the
             extra row `num_classes` is the null class used for classifier-free guidance.
+        concat_channels: channels of a spatially aligned condition (forward's `concat`, on the
+            latent grid) stacked onto x before the first convolution, which then takes
+            `in_channels + concat_channels` inputs (Rombach et al. 2022, Sec. 3.3; CompVis
+            `conditioning_key: concat`); 0: none (the layout of every older checkpoint). A list is
+            summed, so configs can name the parts (inpainting: [latent_channels, 1] for the
+            masked-image latent and the mask).
         gradient_checkpointing: recompute block activations in backward (less memory, ~30% slower).
         norm_num_groups: GroupNorm groups (must divide every block's channels).
         context_dim: width D of a cross-attention context (B, L, D) (text conditioning): the
@@ -84,6 +90,7 @@ class UNet(nn.Module):
         norm_num_groups: int = 32,
         context_dim: int | None = None,
         transformer_depth: int = 1,
+        concat_channels: int | Sequence[int] = 0,
     ):
         super().__init__()
         channel_mult, attention_levels = list(channel_mult), list(attention_levels)
@@ -101,7 +108,12 @@ class UNet(nn.Module):
             raise ValueError(f"num_res_blocks={num_res_blocks} must be >= 1")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes={num_classes} must be None or >= 1")
+        if not isinstance(concat_channels, int):
+            concat_channels = sum(concat_channels)
+        if concat_channels < 0:
+            raise ValueError(f"concat_channels={concat_channels} must be >= 0")
         self.in_channels, self.out_channels = in_channels, out_channels
+        self.concat_channels = concat_channels
         self.model_channels, self.num_classes = model_channels, num_classes
         self.context_dim = context_dim
         self.num_levels = len(channel_mult)
@@ -120,7 +132,7 @@ class UNet(nn.Module):
         # Row `num_classes` is the learned null (unconditional) embedding for CFG.
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
-        self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels + concat_channels, model_channels, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [model_channels]
         ch = model_channels
@@ -176,6 +188,19 @@ class UNet(nn.Module):
             class_labels = torch.full_like(t, self.num_classes)
         return emb + self.class_embed(class_labels)  # (B, E)
 
+    def concat_condition(self, x: torch.Tensor, concat: torch.Tensor | None) -> torch.Tensor:
+        """x (B, C, H, W) with the condition (B, concat_channels, H, W) stacked on its channels."""
+        if not self.concat_channels:
+            raise ValueError("concat given but the UNet takes no concatenated condition")
+        expected = (x.shape[0], self.concat_channels, *x.shape[-2:])
+        if concat is None or tuple(concat.shape) != expected:
+            got = None if concat is None else tuple(concat.shape)
+            raise ValueError(
+                f"the UNet concatenates a condition of shape {expected} (concat_channels="
+                f"{self.concat_channels}) to x; got concat={got}"
+            )
+        return torch.cat([x, concat.to(x.dtype)], dim=1)
+
     def run_block(
         self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: tuple
     ) -> torch.Tensor:
@@ -192,12 +217,15 @@ class UNet(nn.Module):
         *,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, C, H, W), t LongTensor (B,) -> prediction (B, C_out, H, W).
 
         `class_labels` LongTensor (B,) may contain `num_classes` (the null class); None means all
         null. `context` (B, L, context_dim) and `context_mask` (B, L) bool (True = real token,
         None = all real): the cross-attention condition, required when `context_dim` is set.
+        `concat` (B, concat_channels, H, W): the spatially aligned condition (required exactly when
+        concat_channels > 0).
         """
         stride = 2 ** (self.num_levels - 1)
         if x.shape[-1] % stride or x.shape[-2] % stride:
@@ -218,6 +246,8 @@ class UNet(nn.Module):
                 f"context has shape {tuple(context.shape)}; expected (B, L, {self.context_dim})"
             )
         ctx = (context, context_mask)
+        if self.concat_channels or concat is not None:
+            x = self.concat_condition(x, concat)  # (B, C + concat_channels, H, W)
 
         h = self.conv_in(x)  # (B, mc, H, W)
         skips = [h]

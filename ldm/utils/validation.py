@@ -39,6 +39,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.get("stage") not in STAGES:
         raise UserError(f"stage={cfg.get('stage')!r} is not one of {'|'.join(STAGES)}")
     check_missing(cfg)
+    check_task(cfg)
     check_resolvable(cfg)
     check_run_keys(cfg)
     check_wandb(cfg)
@@ -117,6 +118,36 @@ def check_resolvable(cfg: DictConfig) -> None:
     except OmegaConfBaseException as err:
         where = getattr(err, "full_key", None) or "config"
         raise UserError(f"{where}: {str(err).splitlines()[0]}") from err
+
+
+def check_task(cfg: DictConfig) -> None:
+    """Image-to-image (task=superres|inpaint) and the concatenated condition come together: the
+    task says which image the UNet's extra input channels (conditioning=concat|hybrid) receive."""
+    task = cfg.get("task")
+    unet = OmegaConf.select(cfg, "model.diffusion.unet") or {}
+    concat = "concat_channels" in unet and (
+        OmegaConf.is_interpolation(unet, "concat_channels") or unet.concat_channels
+    )
+    if task is None and concat:
+        raise UserError(
+            "conditioning=concat/hybrid concatenates a task's image to the latents; choose it with "
+            "task=superres or task=inpaint"
+        )
+    if task is None:
+        return
+    if task.get("name") not in ("superres", "inpaint"):
+        raise UserError(f"task.name={task.get('name')!r} is not one of superres|inpaint")
+    if not concat:
+        raise UserError(
+            f"task={task.name} needs conditioning=concat or conditioning=hybrid (the UNet takes "
+            "no image condition otherwise)"
+        )
+    factor = OmegaConf.select(task, "degradation.factor")
+    if factor is not None and cfg.data.image_size % factor:
+        raise UserError(
+            f"task.degradation.factor={factor} does not divide data.image_size="
+            f"{cfg.data.image_size}"
+        )
 
 
 def check_run_keys(cfg: DictConfig) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.utils import make_grid, save_image
@@ -168,15 +169,37 @@ def evaluate_img2img(
         rows["ours"]["known_err"] = float(out_err)  # exactly 0 when pasted
         rows["ours (before paste)"] = {"known_err": float(raw_err)}
         rows["ours"]["hole_fraction"] = float(cat["mask"].mean())
-    k = min(grid_items, n)
-    if task == "superres":
-        lowres_up = torch.nn.functional.interpolate(cat["lowres"][:k], size=originals.shape[-2:])
-        columns = [lowres_up, cat["baseline"][:k], cat["output"][:k], originals[:k]]
-    else:
-        columns = [cat["baseline"][:k], cat["output"][:k], originals[:k]]
-    tiles = torch.stack(columns, dim=1).flatten(0, 1)  # (k * columns, C, H, W), item-major
-    grid = make_grid(((tiles + 1) / 2).clamp(0, 1), nrow=len(columns), padding=2)
+    grid = comparison_grid(task, {k: v[:grid_items] for k, v in cat.items()})
     return {"task": task, "num_samples": n, "rows": rows, "grid": grid}
+
+
+def comparison_grid(task: str, cat: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(C, H', W') in [0, 1], one row per item: low-res (nearest) | bicubic | ours | original
+    (super-resolution) or masked | ours | original (inpainting)."""
+    originals = cat["original"]
+    if task == "superres":
+        lowres_up = F.interpolate(cat["lowres"], size=originals.shape[-2:], mode="nearest")
+        columns = [lowres_up, cat["baseline"], cat["output"], originals]
+    else:
+        columns = [cat["baseline"], cat["output"], originals]
+    tiles = torch.stack(columns, dim=1).flatten(0, 1)  # (k * columns, C, H, W), item-major
+    return make_grid(((tiles + 1) / 2).clamp(0, 1), nrow=len(columns), padding=2)
+
+
+@torch.no_grad()
+def img2img_grid(
+    model: Any, dataset: Dataset, num_items: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The comparison grid of the model on the first `num_items` items of `dataset` (the
+    validation grid and final_samples.png of image-to-image runs)."""
+    task = model_task(model)
+    items = [dataset[i] for i in range(min(num_items, len(dataset)))]
+    batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
+    cat = run_img2img(model, batch, generator=generator)
+    cat["original"] = batch["image"].float()
+    if task == "superres":
+        cat["lowres"] = batch["lowres"].float()
+    return comparison_grid(task, cat)
 
 
 GRID_COLUMNS = {

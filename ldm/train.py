@@ -229,11 +229,18 @@ def save_final_grid(
     model: pl.LightningModule, datamodule: pl.LightningDataModule, cfg: DictConfig
 ) -> Path:
     """Sample one grid from the final (EMA) model: one column per class (or a row per prompt of a
-    text model) with the validation grid's guidance scale (`model.diffusion.val_guidance_scale`)."""
+    text model) with the validation grid's guidance scale (`model.diffusion.val_guidance_scale`); an
+    image-to-image model's grid shows 16 validation inputs, its outputs and the originals."""
     from ldm.modules.conditioning import even_class_labels
 
     num_classes = model.num_classes
     generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
+    path = Path(cfg.paths.output_dir) / "final_samples.png"
+    if getattr(model.conditioner, "task", None):  # image-to-image: inputs | ours | originals
+        from ldm.metrics.img2img import img2img_grid
+
+        save_image(img2img_grid(model, datamodule.val_dataset, 16, generator), path)
+        return path
     if model.takes_prompts:
         nrow = 8
         prompts = [p for p in model.validation_prompts(8, datamodule) for _ in range(nrow)]
@@ -255,7 +262,6 @@ def save_final_grid(
     else:
         images = model.sample(64, generator=generator)
         nrow = 8
-    path = Path(cfg.paths.output_dir) / "final_samples.png"
     save_image(make_grid((images.float().cpu() + 1) / 2, nrow=nrow, padding=2), path)
     return path
 

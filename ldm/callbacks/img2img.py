@@ -89,7 +89,7 @@ class Img2ImgMetrics(pl.Callback):
             }
         sampler = None
         if self.sampler_steps is not None:
-            sampler = pl_module.build_sampler(steps=self.sampler_steps)
+            sampler = pl_module.configured_sampler(steps=self.sampler_steps)
         result = evaluate_img2img(
             pl_module,
             datamodule.val_dataset,

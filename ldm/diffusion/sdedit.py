@@ -46,9 +46,11 @@ def sdedit(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     callback: Any = None,
+    **sampler_kwargs: Any,
 ) -> Tensor:
     """Noise `z0` (B, ...) to the sampler's timestep matching `strength` and denoise from there
-    with `sampler` (with guidance when `guidance_scale` != 1). Returns the edited z0 (B, ...)."""
+    with `sampler` (with guidance when `guidance_scale` != 1; `sampler_kwargs`, e.g.
+    guidance_interval, go to the sampler). Returns the edited z0 (B, ...)."""
     start = sdedit_start(sampler.steps, strength)
     if start == sampler.steps:
         return z0
@@ -63,4 +65,5 @@ def sdedit(
         generator=generator,
         callback=callback,
         start=start,
+        **sampler_kwargs,
     )

@@ -23,7 +23,9 @@ from torchvision.utils import make_grid
 
 from ldm.diffusion.samplers import check_guidance
 from ldm.diffusion.schedules import LOSS_WEIGHTINGS
+from ldm.diffusion.sdedit import sdedit
 from ldm.modules.conditioning import ClassConditioner, even_class_labels
+from ldm.modules.image_conditioning import build_conditioner
 from ldm.utils.images import log_image_grid, log_prompt_table, to_display_range
 
 
@@ -124,8 +126,15 @@ class LatentDiffusion(pl.LightningModule):
                 "conditioner",
             ]
         )
+        conditioner = build_conditioner(conditioner, autoencoder)  # a factory gets the autoencoder
         if conditioner is None and unet.num_classes is not None:
             conditioner = ClassConditioner(unet.num_classes)
+        concat = getattr(conditioner, "concat_channels", 0)
+        if concat != getattr(unet, "concat_channels", 0):
+            raise ValueError(
+                f"the conditioner concatenates {concat} channels to the latents but "
+                f"model.diffusion.unet.concat_channels={getattr(unet, 'concat_channels', 0)}"
+            )
         context_dim = getattr(conditioner, "context_dim", None)
         if context_dim != getattr(unet, "context_dim", None):
             raise ValueError(
@@ -278,6 +287,13 @@ class LatentDiffusion(pl.LightningModule):
         n = self.hparams.num_val_samples
         if n == 0 or self.trainer.sanity_checking:
             return
+        if getattr(self.conditioner, "task", None):  # image-to-image: inputs | ours | originals
+            from ldm.metrics.img2img import img2img_grid
+
+            g = torch.Generator().manual_seed(self.hparams.val_seed)
+            grid = img2img_grid(self, self.trainer.datamodule.val_dataset, n, g)
+            log_image_grid(self.trainer, "val/samples", grid, self.global_step)
+            return
         labels, scale, nrow = None, 1.0, math.ceil(math.sqrt(n))
         prompts = None
         if self.takes_prompts:
@@ -399,6 +415,9 @@ class LatentDiffusion(pl.LightningModule):
         prompts: str | list[str] | None = None,
         guidance_interval: list[float | None] | None = None,
         guidance_rescale: float | None = None,
+        inputs: dict[str, torch.Tensor] | None = None,
+        init_images: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
         """Generate images (num_samples, C, H, W) in [-1, 1] by reverse diffusion in latent space.
 
@@ -413,6 +432,11 @@ class LatentDiffusion(pl.LightningModule):
             guidance_interval, guidance_rescale: see Sampler.__call__; None: the model's own
             (`model.diffusion.guidance_interval` / `guidance_rescale`). [null, null] guides at
             every step whatever the model's setting.
+            inputs: the image condition of an image-to-image model, batch-like (N, ...) tensors:
+                `{"lowres"}` (task=superres) or `{"masked_image", "mask"}` (task=inpaint).
+            init_images / strength: SDEdit (ldm.diffusion.sdedit): start from init_images
+                (num_samples, C, H, W) in [-1, 1], encoded and noised to the sampler's step
+                matching strength in (0, 1], instead of from noise (any model, with guidance).
         """
         if num_samples <= 0:
             raise ValueError(f"num_samples={num_samples} must be positive")
@@ -423,11 +447,21 @@ class LatentDiffusion(pl.LightningModule):
             guidance_interval = self.hparams.get("guidance_interval")
         if guidance_rescale is None:
             guidance_rescale = self.hparams.get("guidance_rescale", 0.0)
+        if inputs:
+            conditions = {**(conditions or {}), **inputs}
         shape = (num_samples, *(latent_shape or self.latent_shape))
         noise_device = generator.device if generator is not None else self.device
-        x_T = torch.randn(shape, generator=generator, device=noise_device).to(
-            self.device
-        )  # (N, c, h, w)
+        if init_images is not None:
+            if init_images.ndim != 4 or init_images.shape[0] != num_samples:
+                raise ValueError(
+                    f"init_images has shape {tuple(init_images.shape)}; expected "
+                    f"({num_samples}, C, H, W)"
+                )
+            z_init = self.encode(init_images.to(self.device))  # (N, c, h, w)
+        else:
+            x_T = torch.randn(shape, generator=generator, device=noise_device).to(
+                self.device
+            )  # (N, c, h, w)
         was_training = self.training
         self.eval()  # UNet and conditioner (a text encoder's dropout)
         try:
@@ -438,17 +472,19 @@ class LatentDiffusion(pl.LightningModule):
                 uncond = self.condition(conditions, drop)
             elif self.conditioner is not None:
                 cond = self.conditioner.unconditional(num_samples, self.device)
-            z0 = sampler(
-                self.model_fn,
-                x_T,
-                cond=cond,
-                uncond=uncond,
-                guidance_scale=guidance_scale,
-                generator=generator,
-                callback=callback,
-                guidance_interval=guidance_interval,
-                guidance_rescale=guidance_rescale,
-            )  # (N, c, h, w)
+            guide = {
+                "cond": cond,
+                "uncond": uncond,
+                "guidance_scale": guidance_scale,
+                "guidance_interval": guidance_interval,
+                "guidance_rescale": guidance_rescale,
+                "generator": generator,
+                "callback": callback,
+            }
+            if init_images is not None:
+                z0 = sdedit(sampler, self.model_fn, z_init, strength, **guide)  # (N, c, h, w)
+            else:
+                z0 = sampler(self.model_fn, x_T, **guide)  # (N, c, h, w)
         finally:
             self.train(was_training)
         return self.decode(z0)  # (N, C, H, W)

@@ -80,6 +80,15 @@ class SampleConfig:
     fid: bool = False
     # null or a list of step counts: FID and wall time of num_samples images at each -> nfe_sweep.*
     nfe_sweep: list[int] | None = None
+    # Image-to-image (ldm.sample_img2img): task=superres input=PATH|DIR; task=inpaint input=PATH
+    # mask=PATH (white = fill); init_image=PATH|DIR strength=0.6 (SDEdit, any model). One output
+    # per input; grid.png shows inputs and outputs side by side.
+    task: str | None = None  # superres | inpaint (the checkpoint must be trained for it)
+    input: str | None = None  # low-res image(s) (superres) or the image to fill (inpaint)
+    mask: str | None = None  # inpaint: grayscale mask of the image's size, white = fill
+    paste: bool | None = None  # inpaint: keep the known pixels (null: the checkpoint's task.paste)
+    init_image: str | None = None  # SDEdit: image(s) of the model's size to start from
+    strength: float = 0.6  # SDEdit: in (0, 1]; the fraction of the sampler's steps that run
     # config groups (see conf/sample.yaml's defaults list)
     sampler: Any = MISSING
     metrics: Any = MISSING
@@ -511,6 +520,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
     from hydra.utils import instantiate
 
+    from ldm import sample_img2img as img2img
     from ldm.audio.outputs import audio_record
     from ldm.models.loading import latent_diffusion_from_checkpoint
     from ldm.utils.checkpoint import file_sha256, load_checkpoint
@@ -519,6 +529,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device, cfg.precision)
     ckpt = load_checkpoint(ckpt_path, expected_stage="diffusion")
     model = latent_diffusion_from_checkpoint(ckpt, ckpt_path, use_ema=cfg.use_ema).to(device)
+    job = img2img.prepare(cfg, model, ckpt["ldm"]["config"])  # None: plain sampling
+    if job is not None:
+        cfg.num_samples = len(job["files"])  # one output per input
     class_names = checkpoint_class_names(ckpt)
     inputs = conditioning_inputs(cfg, model, class_names)
     labels = inputs.get("class_labels")
@@ -553,10 +566,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"out_dir={str(out)!r} cannot be created ({err.strerror})") from err
 
     recorder = TrajectoryRecorder(cfg.trajectory_samples) if cfg.trajectory else None
-    images, seconds = generate(model, sampler, cfg, inputs, device, "sampling", recorder)
     prompts = inputs.get("prompts")
     stored = ckpt["ldm"]["config"]
-    files = write_outputs(images, cfg, model.num_classes, out, prompts, stored.get("data"))
+    if job is not None:
+        images, seconds = img2img.generate(model, sampler, cfg, job, device, inputs)
+        files = img2img.write(job, images, out, cfg.grid_images)
+    else:
+        images, seconds = generate(model, sampler, cfg, inputs, device, "sampling", recorder)
+        files = write_outputs(images, cfg, model.num_classes, out, prompts, stored.get("data"))
     trajectory = None
     if recorder is not None:
         shown_t = save_trajectory(
@@ -605,6 +622,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         },
         "trajectory": trajectory,
         "audio": audio_record(stored.get("data")),
+        "img2img": img2img.describe(job, cfg) if job is not None else None,
         "torch": torch.__version__,
         "files": [*files, "samples.json"],
     }

@@ -54,9 +54,21 @@ def prepare(cfg: DictConfig, model: Any, stored: dict[str, Any]) -> dict[str, An
     """Read and check the inputs of the requested mode; None for plain sampling. `stored`: the
     checkpoint's training config (its `task` gives the SR factor and the paste default)."""
     mode = mode_of(cfg)
-    if mode is None:
-        return None
     trained = model_task(model)
+    if mode is None:
+        if trained is not None:
+            extra = " mask=PATH" if trained == "inpaint" else ""
+            raise UserError(
+                f"the checkpoint {cfg.ckpt} was trained with task={trained}: it needs its input "
+                f"(task={trained} input=PATH{extra})"
+            )
+        return None
+    for key in ("fid", "nfe_sweep", "trajectory"):
+        if cfg.get(key):
+            raise UserError(
+                f"{key}= applies to sampling from noise, not to {mode}; image-to-image metrics "
+                "come with training (img2img_metrics.md)"
+            )
     channels, size = model.autoencoder.image_channels, model.hparams.image_size
     if mode == "sdedit":
         from ldm.diffusion.sdedit import check_strength
@@ -110,7 +122,7 @@ def generate(
 ) -> tuple[torch.Tensor, float]:
     """Outputs (N, C, H, W) in [-1, 1] on the CPU for the N inputs, and the seconds spent.
     Inpainting outputs keep the input's known pixels when `paste` (default: the checkpoint's
-    task.paste). `class_inputs`: class labels for SDEdit with a class-conditional model."""
+    task.paste). `class_inputs`: class labels or prompts for SDEdit with a conditional model."""
     from ldm.data.degradations import paste_known
 
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -125,7 +137,12 @@ def generate(
         if job["mode"] == "sdedit":
             kwargs["init_images"] = job["init_images"][i : i + bs].to(device)
             kwargs["strength"] = cfg.strength
-            kwargs.update({k: v[i : i + bs].to(device) for k, v in class_inputs.items()})
+            kwargs.update(
+                {
+                    k: v[i : i + bs].to(device) if isinstance(v, torch.Tensor) else v[i : i + bs]
+                    for k, v in class_inputs.items()
+                }
+            )  # class labels or prompts
             kwargs["guidance_scale"] = cfg.guidance_scale if class_inputs else 1.0
         out = (
             model.sample(min(bs, n - i), generator=generator, sampler=sampler, **kwargs)

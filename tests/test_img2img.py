@@ -214,3 +214,48 @@ def test_sdedit_small_strength_returns_the_autoencoded_input(tmp_path):
         model.sample(3, init_images=x, strength=1.5)
     with pytest.raises(ValueError, match="init_images"):
         model.sample(2, init_images=x, strength=0.5)
+
+
+class _Context(torch.nn.Module):
+    """A stand-in text conditioner: one learned token per label, null row for dropped rows."""
+
+    input_key, context_dim = "label", 8
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Embedding(11, 8)
+
+    def forward(self, batch, drop=None):
+        labels = batch["label"]
+        if drop is not None:
+            labels = torch.where(drop, torch.full_like(labels, 10), labels)
+        return {
+            "context": self.table(labels)[:, None],
+            "context_mask": torch.ones(len(labels), 1).bool(),
+        }
+
+    def check_conditions(self, batch):
+        pass
+
+
+def test_hybrid_is_concat_plus_cross_attention(tmp_path):
+    """hybrid: the UNet takes both the concatenated image and the context; drop reaches the
+    context only (guidance keeps the image and nulls the text)."""
+    from ldm.modules.image_conditioning import HybridConditioner, LowResConditioner
+
+    class _AE:
+        downsample_factor, latent_channels = 4, 4
+
+    hybrid = HybridConditioner(
+        concat=lambda autoencoder: LowResConditioner(autoencoder, 1, 32), context=_Context(),
+        autoencoder=_AE(),
+    )  # fmt: skip
+    assert hybrid.concat_channels == 1 and hybrid.context_dim == 8 and hybrid.input_key == "label"
+    batch = {"label": torch.tensor([1, 2]), "lowres": torch.rand(2, 1, 8, 8)}
+    out = hybrid(batch, drop=torch.tensor([True, False]))
+    assert set(out) == {"concat", "context", "context_mask"}
+    assert torch.equal(out["concat"], batch["lowres"])  # never dropped
+    assert torch.equal(out["context"][0], hybrid.context.table.weight[10:11])  # null token
+    unet = UNet(4, 4, 32, [1, 2], 1, [1], norm_num_groups=8, concat_channels=1, context_dim=8)
+    pred = unet(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), **out)
+    assert pred.shape == (2, 4, 8, 8)

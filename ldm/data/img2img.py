@@ -65,12 +65,11 @@ class PairedDataset(Dataset):
 class Img2ImgDataModule(ImageDataModule):
     """An ImageDataModule (same arguments) whose batches carry the inputs of an image-to-image
     `task` (a callable `task(image (C, H, W), generator) -> dict`, e.g. SuperResolution or
-    Inpainting); `task_seed` seeds them (validation inputs are fixed per item)."""
+    Inpainting); `task_seed` seeds them (validation inputs are fixed per item). `task=None`
+    serves the plain data (the task configs use it for stage 1, which trains on images only)."""
 
-    def __init__(self, *args: Any, task: Task, task_seed: int = 0, **kwargs: Any):
+    def __init__(self, *args: Any, task: Task | None, task_seed: int = 0, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if task is None:
-            raise ValueError("Img2ImgDataModule needs a task (task=superres|inpaint)")
         self.task, self.task_seed = task, task_seed
         self._train_loader: DataLoader | None = None
 
@@ -78,6 +77,8 @@ class Img2ImgDataModule(ImageDataModule):
         if self.full_dataset is not None:
             return
         super().setup(stage)
+        if self.task is None:  # plain data (stage 1 of an image-to-image run)
+            return
         images = None
         if self.image_datamodule is not None:  # latents: images from the data they came from
             self.image_datamodule.setup()

@@ -351,3 +351,42 @@ def test_folders_train_conditional_and_sample_by_class_name(tmp_path):
     with pytest.raises(UserError, match=r"class_label='cats' is not one of .*: discs, stripes"):
         sample(sample_cfg("cats", "bad"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_latent_cache_keeps_random_flip_for_stage_2(tmp_path):
+    """With data.random_flip the latent cache also holds the latents of the mirrored images, and
+    stage-2 batches take one or the other."""
+    import hydra
+
+    from ldm.data.latent_cache import latent_cache_datamodule
+
+    root = make_class_folders(tmp_path / "data", per_class=4, size=16)
+    cfg = compose_config(["debug=fast", "data=image_folder", f"data.root={root}"], tmp_path)
+    cfg.data.image_size, cfg.data.num_channels = 16, 3
+    ae = hydra.utils.instantiate(cfg.model.autoencoder).eval()
+    ckpt = tmp_path / "stage1.ckpt"
+    torch.save(ae.state_dict(), ckpt)
+    source = ImageFolder(str(root), 16, labels="folders")
+    images = folder_dm(source, 2, random_flip=True)
+    latents = latent_cache_datamodule(ae, ckpt, images, tmp_path / "cache")
+    latents.setup()
+    full = latents.full_dataset
+    assert full.flipped is not None and full.flipped.shape == full.images.shape
+    x = torch.stack([images.full_dataset[i]["image"] for i in range(3)])
+    with torch.no_grad():
+        expected = ae.encode_latents(x.flip(-1))
+    assert torch.allclose(full.flipped[:3], expected, atol=1e-5)
+    assert not torch.allclose(full.flipped, full.images, atol=1e-3)
+    torch.manual_seed(0)
+    seen = set()
+    for batch in latents.train_dataloader():
+        for z in batch["latent"]:
+            plain = any(torch.equal(z, full.images[i]) for i in range(len(full.images)))
+            mirrored = any(torch.equal(z, full.flipped[i]) for i in range(len(full.images)))
+            assert plain or mirrored
+            seen.add("plain" if plain else "mirrored")
+    assert seen == {"plain", "mirrored"}
+    # Without random_flip: no mirrored latents, the cache key of before.
+    plain_dm = latent_cache_datamodule(ae, ckpt, folder_dm(source, 2), tmp_path / "cache2")
+    plain_dm.setup()
+    assert plain_dm.full_dataset.flipped is None and not plain_dm.random_flip

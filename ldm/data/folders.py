@@ -351,5 +351,9 @@ class Augmented(Dataset):
         else:
             item = dict(self.base[i])
         if self.random_flip and bool(torch.rand(()) < 0.5):
-            item["image"] = item["image"].flip(-1)
+            flipped = getattr(self.base, "flipped", None)
+            if flipped is not None:  # a latent cache with the latents of the mirrored images
+                item[self.base.key] = flipped[i]
+            elif "image" in item:
+                item["image"] = item["image"].flip(-1)
         return item

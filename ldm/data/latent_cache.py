@@ -36,10 +36,17 @@ def latent_cache_key(autoencoder_ckpt: str | Path, split: str, fingerprint: str)
 
 @torch.no_grad()
 def build_latent_cache(
-    autoencoder: nn.Module, dataloader: DataLoader, cache_dir: str | Path, key: str
+    autoencoder: nn.Module,
+    dataloader: DataLoader,
+    cache_dir: str | Path,
+    key: str,
+    hflip: bool = False,
 ) -> Path:
     """Encode every batch of `dataloader` (in its order) to scaled latents and save them under
     `cache_dir/<key>.pt`; an existing file for `key` is reused as is. Returns the file's path.
+    `hflip`: also the latents of the mirrored images (`latents_hflip`), so that stage 2 on the
+    cache keeps `data.random_flip` (an encoder is not mirror-equivariant: flipped latents would
+    not do).
 
     The dataloader must not shuffle or augment: item i of the cache is item i of the dataset.
     Encoding runs in eval mode on the autoencoder's device; the file is written atomically
@@ -53,7 +60,7 @@ def build_latent_cache(
     device = next(autoencoder.parameters()).device
     was_training = autoencoder.training
     autoencoder.eval()
-    latents, labels = [], []
+    latents, labels, flipped = [], [], []
     try:
         # disable=None: a bar on terminals, silent in log files
         for batch in tqdm(
@@ -61,6 +68,9 @@ def build_latent_cache(
         ):
             z = autoencoder.encode_latents(batch["image"].to(device))  # (B, c, h, w)
             latents.append(z.float().cpu())
+            if hflip:
+                zf = autoencoder.encode_latents(batch["image"].to(device).flip(-1))
+                flipped.append(zf.float().cpu())
             if "label" in batch:
                 labels.append(batch["label"].long().cpu())
     finally:
@@ -72,6 +82,8 @@ def build_latent_cache(
     payload = {"latents": torch.cat(latents)}  # (N, c, h, w)
     if labels:
         payload["labels"] = torch.cat(labels)  # (N,)
+    if flipped:
+        payload["latents_hflip"] = torch.cat(flipped)  # (N, c, h, w) of the mirrored images
     atomic_write(path, lambda f: torch.save(payload, f))
     log.info(
         "latent cache: wrote %s latents %s to %s",
@@ -95,11 +107,15 @@ def latent_cache_datamodule(
     indices, so its split holds exactly the same items (also for a source's own split, by voice).
     """
     datamodule.setup()
+    hflip = bool(getattr(datamodule, "random_flip", False)) and not isinstance(
+        datamodule, Img2ImgDataModule
+    )
     key = latent_cache_key(autoencoder_ckpt, "full", datamodule.fingerprint())
+    key += "-hflip" if hflip else ""
     loader = datamodule.loader(datamodule.full_dataset, shuffle=False)
     # Runs that start together (sweep jobs, DDP ranks) encode it once; the others wait and reuse.
     with cache_lock(Path(cache_dir) / f"{key}.pt", "latent cache"):
-        path = build_latent_cache(autoencoder, loader, cache_dir, key)
+        path = build_latent_cache(autoencoder, loader, cache_dir, key, hflip=hflip)
     kwargs = dict(
         source=LatentTensors(str(path), num_classes=datamodule.num_classes),
         name=f"latents-{datamodule.name}",
@@ -119,4 +135,4 @@ def latent_cache_datamodule(
     )
     if isinstance(datamodule, Img2ImgDataModule):  # items keep their image-to-image inputs
         return Img2ImgDataModule(**kwargs, task=datamodule.task, task_seed=datamodule.task_seed)
-    return ImageDataModule(**kwargs)
+    return ImageDataModule(**kwargs, random_flip=hflip)

@@ -81,6 +81,7 @@ class TensorImageDataset(Dataset):
         if labels is not None and len(labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.key = images, labels, key
+        self.flipped: torch.Tensor | None = None  # mirrored items (latent caches of flipped data)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -180,7 +181,12 @@ class LatentTensors(Source):
         payload = read_torch_file(self.path, what="latents file")
         if not isinstance(payload, dict) or "latents" not in payload:
             raise ValueError(f"{self.path} is not a latents file (expected a dict with 'latents')")
-        return TensorImageDataset(payload["latents"].float(), payload.get("labels"), key="latent")
+        dataset = TensorImageDataset(
+            payload["latents"].float(), payload.get("labels"), key="latent"
+        )
+        if "latents_hflip" in payload:  # data.random_flip: latents of the mirrored images
+            dataset.flipped = payload["latents_hflip"].float()
+        return dataset
 
     def fingerprint(self, dataset: TensorImageDataset) -> str:
         return f"latents-{tensor_fingerprint(dataset.images, dataset.labels)}"

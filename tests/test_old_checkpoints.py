@@ -11,13 +11,25 @@ import shutil
 import pytest
 import torch
 
-from ldm.models.loading import load_latent_diffusion
+from ldm.models.loading import load_autoencoder, load_latent_diffusion
+from ldm.train import preflight
 from ldm.utils.checkpoint import CHECKPOINT_FORMAT_VERSION, load_checkpoint
 from ldm.utils.errors import UserError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compose_config
 from tests.train_cli import FAST, explain, load_ckpt, sample_cli, train_cli
 
 FIXTURE = ROOT / "tests" / "fixtures" / "diffusion_6fef1e3_debug_fast.ckpt"
+AUTOENCODER_FIXTURE = ROOT / "tests" / "fixtures" / "autoencoder_6fef1e3_debug_fast.ckpt"
+
+
+def test_old_stage1_checkpoint_passes_preflight_for_stage_2(tmp_path):
+    """Stage 2 on a stage-1 checkpoint saved before the module rename: the preflight builds its
+    architecture under today's names (it failed with "Error locating target"), and stage 2 is
+    given, and so stores, today's names."""
+    overrides = ["debug=fast", "stage=diffusion", f"autoencoder_ckpt={AUTOENCODER_FIXTURE}"]
+    preflight(compose_config(overrides, tmp_path))
+    _, config = load_autoencoder(AUTOENCODER_FIXTURE)
+    assert config["encoder"]["_target_"] == "ldm.modules.encoder_decoder.Encoder"
 
 
 def test_old_checkpoint_loads_and_samples_in_process():

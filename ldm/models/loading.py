@@ -9,7 +9,7 @@ import torch
 
 from ldm.utils.checkpoint import load_checkpoint, state_dict_mismatch
 from ldm.utils.errors import UserError
-from ldm.utils.instantiate import safe_instantiate
+from ldm.utils.instantiate import safe_instantiate, upgrade_stored_config
 
 
 def load_state_strict(
@@ -41,7 +41,8 @@ def autoencoder_from_checkpoint(ckpt: dict[str, Any], path: str | Path) -> torch
 def load_autoencoder(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(frozen autoencoder, its stored autoencoder config) from a stage-1 checkpoint."""
     ckpt = load_checkpoint(path, expected_stage="autoencoder")
-    return autoencoder_from_checkpoint(ckpt, path), ckpt["ldm"]["config"]["model"]["autoencoder"]
+    config = upgrade_stored_config(ckpt["ldm"]["config"]["model"]["autoencoder"])
+    return autoencoder_from_checkpoint(ckpt, path), config
 
 
 def latent_diffusion_from_checkpoint(

@@ -338,7 +338,9 @@ def check_unet(cfg: DictConfig, autoencoder: dict[str, Any]) -> None:
 def with_stage1_autoencoder(cfg: DictConfig) -> DictConfig:
     """A copy of `cfg` whose model.autoencoder is the one stored in `autoencoder_ckpt` (as ldm.train
     uses it), after checking that checkpoint was trained on data of this size and channel count."""
-    from ldm.utils.checkpoint import load_checkpoint  # torch: imported only when needed
+    # torch and Lightning: imported only when needed
+    from ldm.utils.checkpoint import load_checkpoint
+    from ldm.utils.instantiate import upgrade_stored_config
 
     path = cfg.autoencoder_ckpt
     stored = load_checkpoint(path, expected_stage="autoencoder", mmap=True)["ldm"]["config"]
@@ -359,7 +361,10 @@ def with_stage1_autoencoder(cfg: DictConfig) -> DictConfig:
         )
     effective = copy.deepcopy(cfg)
     with open_dict(effective):
-        effective.model.autoencoder = OmegaConf.create(stored["model"]["autoencoder"])
+        # the architecture as the code of today names it (a checkpoint may predate a rename)
+        effective.model.autoencoder = OmegaConf.create(
+            upgrade_stored_config(stored["model"]["autoencoder"])
+        )
     return effective
 
 

@@ -67,7 +67,8 @@ class SampleConfig:
     # Guidance that keeps diversity (LatentDiffusion.sample); null: the checkpoint's model setting
     # (model.diffusion.guidance_*, off unless trained with it). [sigma_lo, sigma_hi]: guide only at
     # steps with sigma = sqrt((1 - abar) / abar) in (lo, hi], null = open end (Kynkaenniemi et al.
-    # 2024); [null, null]: every step. guidance_rescale: CFG rescale phi in [0, 1] (Lin et al. 2023).
+    # 2024); [null, null]: every step. guidance_rescale: CFG rescale phi in [0, 1] (Lin et al.
+    # 2023).
     guidance_interval: Any = None
     guidance_rescale: float | None = None
     out_dir: str = "${paths.log_dir}/sample/${now:%Y-%m-%d_%H-%M-%S}"

@@ -23,6 +23,10 @@ DATA_OPTIONS = {
     "cifar10": ("TorchvisionSource", 32, 3, 10, False),
     "image_folder": ("ImageFolder", 64, 3, None, False),
     "latents": ("LatentTensors", 32, 1, 10, False),
+    # built on first use (captions: seconds; speech synthesis: minutes): tests/test_text.py and
+    # tests/test_audio.py set them up on small settings
+    "mnist5k_captions": ("MNIST5kCaptions", 32, 1, 10, False),
+    "spoken_digits": ("SpokenDigits", 64, 1, 10, False),
 }
 
 
@@ -31,7 +35,12 @@ def test_default_config_values(tmp_path):
     assert cfg.stage == "all" and cfg.data.name == "mnist5k" and cfg.data.num_classes == 10
     assert OmegaConf.select(cfg, "model.autoencoder._target_").startswith("ldm.models.autoencoder.")
     assert cfg.model.diffusion._target_ == "ldm.models.latent_diffusion.LatentDiffusion"
-    assert set(cfg.autoencoder) == set(cfg.diffusion) == {"trainer", "data"}
+    assert set(cfg.autoencoder) == set(cfg.diffusion) == {
+        "trainer",
+        "data",
+        "default_max_epochs",
+        "default_batch_size",
+    }
 
 
 def test_every_data_option_is_listed():

@@ -13,8 +13,9 @@ from PIL import Image
 
 from ldm.config import stage_section
 from ldm.train import preflight, stage_datamodule
+from ldm.utils.cli import group_options
 from ldm.utils.errors import UserError
-from tests.conftest import ROOT, compose_config
+from tests.conftest import CONF_DIR, ROOT, compose_config
 from tests.train_cli import train_cli
 
 # (overrides, {stage: (max_epochs, max_steps, batch_size, accumulate_grad_batches)})
@@ -37,6 +38,10 @@ DOCUMENTED = [
     ),
     (["debug=fast"], {"autoencoder": (1, -1, 16, 1), "diffusion": (1, -1, 16, 1)}),
     (
+        ["diffusion.default_max_epochs=40", "autoencoder.default_batch_size=8"],
+        {"autoencoder": (4, -1, 8, 1), "diffusion": (40, -1, 64, 1)},
+    ),
+    (
         ["debug=fast", "trainer.max_epochs=3", "data.batch_size=4"],
         {"autoencoder": (3, -1, 4, 1), "diffusion": (3, -1, 4, 1)},
     ),
@@ -55,6 +60,25 @@ def test_overrides_reach_each_stages_trainer_and_data_module(overrides, expected
         assert (trainer.max_epochs, trainer.max_steps) == (max_epochs, max_steps), stage
         assert trainer.accumulate_grad_batches == accumulate, stage
         assert stage_datamodule(cfg, stage).batch_size == batch_size, stage
+
+
+@pytest.mark.parametrize("experiment", group_options(CONF_DIR, "experiment"))
+def test_shared_budget_overrides_beat_every_presets_stage_budgets(experiment, tmp_path):
+    """Presets give each stage its budget as `<stage>.default_*`, so the shared keys a user types
+    still reach both stages, and `<stage>.trainer.*` still beats both."""
+    extra = ["data.root=/nonexistent"] if experiment.startswith("folder") else []
+    cfg = compose_config([f"experiment={experiment}", *extra], tmp_path)
+    for stage in ("autoencoder", "diffusion"):
+        assert stage_section(cfg, stage, "trainer")["max_epochs"] == cfg[stage].default_max_epochs
+        assert stage_section(cfg, stage, "data")["batch_size"] == (
+            cfg.data.batch_size or cfg[stage].default_batch_size
+        )
+    overrides = ["trainer.max_epochs=2", "data.batch_size=8", "diffusion.trainer.max_epochs=5"]
+    cfg = compose_config([f"experiment={experiment}", *extra, *overrides], tmp_path)
+    assert stage_section(cfg, "autoencoder", "trainer")["max_epochs"] == 2
+    assert stage_section(cfg, "diffusion", "trainer")["max_epochs"] == 5
+    for stage in ("autoencoder", "diffusion"):
+        assert stage_section(cfg, stage, "data")["batch_size"] == 8
 
 
 def test_gradient_clipping_reaches_both_stages(tmp_path):

@@ -2,7 +2,8 @@
 
 The settings' keys, types and defaults are the dataclass `SampleConfig` (registered in Hydra's
 ConfigStore as `sample_schema`, the base of conf/sample.yaml), so Hydra rejects a wrong type or an
-unknown key itself; `check_settings` adds what a type cannot say (positive counts, value sets, files).
+unknown key itself; `check_settings` adds what a type cannot say (positive counts, value sets,
+files).
 Every check, the checkpoint and the model-dependent ones included (labels, sampler, FID data), runs
 before `out_dir` is created, so bad input writes nothing.
 
@@ -515,7 +516,8 @@ def build_text_evaluation(ckpt: Any, path: Path, metrics_cfg: DictConfig, model:
 
 # ---------------------------------------------------------------------------- entry
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Validate, generate, write; returns the content of samples.json (plus metrics / sweep rows)."""
+    """Validate, generate, write; returns the content of samples.json (plus metrics / sweep
+    rows)."""
     check_settings(cfg)
 
     import torch

@@ -218,15 +218,15 @@ def test_image_and_audio_checkpoints_refused_by_the_other_path(audio_run, tmp_pa
     from ldm.utils.validation import validate_config
 
     write_wav(tmp_path / "a.wav", torch.zeros(16000), 16000)
-    with pytest.raises(UserError, match="is an image checkpoint .* needs an audio checkpoint"):
+    with pytest.raises(UserError, match=r"is an image checkpoint .* needs an audio checkpoint"):
         listen(IMAGE_CKPT, [tmp_path / "a.wav"])
     audio_ae = audio_run / "run" / "checkpoints" / "autoencoder" / "last.ckpt"
     cfg = compose_config(
         ["debug=fast", "stage=diffusion", f"autoencoder_ckpt={audio_ae}", "data.image_size=32"],
         tmp_path,
     )
-    with pytest.raises(UserError, match="trained on audio data .* is image data"):
+    with pytest.raises(UserError, match=r"trained on audio data .* is image data"):
         validate_config(cfg)
     cfg = compose_config(["debug=fast", "data=spoken_digits", "fid=inception"], tmp_path)
-    with pytest.raises(UserError, match="fid.extractor=inception is for images"):
+    with pytest.raises(UserError, match=r"fid.extractor=inception is for images"):
         validate_config(cfg)

@@ -35,12 +35,16 @@ def test_default_config_values(tmp_path):
     assert cfg.stage == "all" and cfg.data.name == "mnist5k" and cfg.data.num_classes == 10
     assert OmegaConf.select(cfg, "model.autoencoder._target_").startswith("ldm.models.autoencoder.")
     assert cfg.model.diffusion._target_ == "ldm.models.latent_diffusion.LatentDiffusion"
-    assert set(cfg.autoencoder) == set(cfg.diffusion) == {
-        "trainer",
-        "data",
-        "default_max_epochs",
-        "default_batch_size",
-    }
+    assert (
+        set(cfg.autoencoder)
+        == set(cfg.diffusion)
+        == {
+            "trainer",
+            "data",
+            "default_max_epochs",
+            "default_batch_size",
+        }
+    )
 
 
 def test_every_data_option_is_listed():

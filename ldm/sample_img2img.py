@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from ldm.data.image_inputs import read_images, read_mask
 from ldm.utils.errors import UserError
-from ldm.utils.image_inputs import read_images, read_mask
 
 MODES = ("superres", "inpaint", "sdedit")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.data.image_inputs import read_images, read_mask
 from ldm.utils.errors import UserError
-from ldm.utils.image_inputs import read_images, read_mask
 
 
 def save(path, array, mode=None):

@@ -383,7 +383,13 @@ def test_log_image_grid_writes_png_and_tensorboard(tmp_path):
 # -- the shipped configs -----------------------------------------------------------------
 @pytest.mark.parametrize("name", ["kl", "vq"])
 def test_yaml_configs_build_the_default_f4_models(name):
-    cfg = OmegaConf.create({"data": {"num_channels": 1}, "model": {"autoencoder": None}})
+    cfg = OmegaConf.create(
+        {
+            "data": {"num_channels": 1},
+            "trainer": {"gradient_clip_val": None},  # grad_clip follows it
+            "model": {"autoencoder": None},
+        }
+    )
     cfg.model.autoencoder = OmegaConf.load(CONF / f"{name}.yaml")
     torch.manual_seed(0)
     model = instantiate(cfg.model.autoencoder)

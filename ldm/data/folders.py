@@ -357,3 +357,28 @@ class Augmented(Dataset):
             elif "image" in item:
                 item["image"] = item["image"].flip(-1)
         return item
+
+
+def check_folder_config(data: Any) -> None:
+    """data=image_folder's labels, crop and load_size, checked before anything trains."""
+    labels = data.get("labels", "none")
+    if labels not in LABEL_MODES:
+        raise UserError(f"data.labels={labels!r} is not one of {'|'.join(LABEL_MODES)}")
+    if labels == "folders" and data.get("num_classes") is None:
+        raise UserError(
+            "data.labels=folders but data.num_classes is null: the class folders were not read "
+            "(ldm.data.folders.resolve_folder_labels runs before validate_config)"
+        )
+    crop = data.get("crop", "center")
+    if crop not in CROP_MODES:
+        raise UserError(f"data.crop={crop!r} is not one of {'|'.join(CROP_MODES)}")
+    size, load = data.get("image_size"), data.get("load_size")
+    if load is not None and load < size:
+        raise UserError(
+            f"data.load_size={load} is smaller than data.image_size={size}; use >= {size} or null"
+        )
+    if crop == "random" and (load is None or load <= size):
+        raise UserError(
+            f"data.crop=random needs data.load_size > data.image_size={size} (the square it crops "
+            f"from), e.g. data.load_size={size + size // 8}"
+        )

@@ -17,10 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ldm.data.datamodule import ImageDataModule
 from ldm.data.degradations import item_seed
+from ldm.utils.errors import UserError
 
 Task = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
 
@@ -97,3 +99,33 @@ class Img2ImgDataModule(ImageDataModule):
     def train_dataloader(self) -> DataLoader:
         self._train_loader = super().train_dataloader()
         return self._train_loader
+
+
+def check_task_config(cfg: Any) -> None:
+    """Image-to-image (task=superres|inpaint) and the concatenated condition come together: the
+    task says which image the UNet's extra input channels (conditioning=concat|hybrid) receive."""
+    task = cfg.get("task")
+    unet = OmegaConf.select(cfg, "model.diffusion.unet") or {}
+    concat = "concat_channels" in unet and (
+        OmegaConf.is_interpolation(unet, "concat_channels") or unet.concat_channels
+    )
+    if task is None and concat:
+        raise UserError(
+            "conditioning=concat/hybrid concatenates a task's image to the latents; choose it with "
+            "task=superres or task=inpaint"
+        )
+    if task is None:
+        return
+    if task.get("name") not in ("superres", "inpaint"):
+        raise UserError(f"task.name={task.get('name')!r} is not one of superres|inpaint")
+    if not concat:
+        raise UserError(
+            f"task={task.name} needs conditioning=concat or conditioning=hybrid (the UNet takes "
+            "no image condition otherwise)"
+        )
+    factor = OmegaConf.select(task, "degradation.factor")
+    if factor is not None and cfg.data.image_size % factor:
+        raise UserError(
+            f"task.degradation.factor={factor} does not divide data.image_size="
+            f"{cfg.data.image_size}"
+        )

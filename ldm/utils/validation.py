@@ -36,10 +36,14 @@ def validate_config(cfg: DictConfig) -> None:
     not loaded) and checked against `data`, and the UNet is checked against the autoencoder that
     checkpoint describes, which is the one stage 2 will use.
     """
+    # each feature checks its own settings; imported here, not at module level, because Hydra
+    # loads this module (OutputDirCheck) before `--help` answers
+    from ldm.data.img2img import check_task_config
+
     if cfg.get("stage") not in STAGES:
         raise UserError(f"stage={cfg.get('stage')!r} is not one of {'|'.join(STAGES)}")
     check_missing(cfg)
-    check_task(cfg)
+    check_task_config(cfg)
     check_resolvable(cfg)
     check_run_keys(cfg)
     check_wandb(cfg)
@@ -120,36 +124,6 @@ def check_resolvable(cfg: DictConfig) -> None:
         raise UserError(f"{where}: {str(err).splitlines()[0]}") from err
 
 
-def check_task(cfg: DictConfig) -> None:
-    """Image-to-image (task=superres|inpaint) and the concatenated condition come together: the
-    task says which image the UNet's extra input channels (conditioning=concat|hybrid) receive."""
-    task = cfg.get("task")
-    unet = OmegaConf.select(cfg, "model.diffusion.unet") or {}
-    concat = "concat_channels" in unet and (
-        OmegaConf.is_interpolation(unet, "concat_channels") or unet.concat_channels
-    )
-    if task is None and concat:
-        raise UserError(
-            "conditioning=concat/hybrid concatenates a task's image to the latents; choose it with "
-            "task=superres or task=inpaint"
-        )
-    if task is None:
-        return
-    if task.get("name") not in ("superres", "inpaint"):
-        raise UserError(f"task.name={task.get('name')!r} is not one of superres|inpaint")
-    if not concat:
-        raise UserError(
-            f"task={task.name} needs conditioning=concat or conditioning=hybrid (the UNet takes "
-            "no image condition otherwise)"
-        )
-    factor = OmegaConf.select(task, "degradation.factor")
-    if factor is not None and cfg.data.image_size % factor:
-        raise UserError(
-            f"task.degradation.factor={factor} does not divide data.image_size="
-            f"{cfg.data.image_size}"
-        )
-
-
 def check_run_keys(cfg: DictConfig) -> None:
     ckpt_path, ae_ckpt = cfg.get("ckpt_path"), cfg.get("autoencoder_ckpt")
     if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():
@@ -171,7 +145,9 @@ def check_run_keys(cfg: DictConfig) -> None:
 
 def check_data(data: DictConfig) -> None:
     if data.get("name") == "image_folder":
-        check_image_folder(data)
+        from ldm.data.folders import check_folder_config
+
+        check_folder_config(data)
     mode = OmegaConf.select(data, "source.mode")
     if (
         mode in IMAGE_FOLDER_MODE_CHANNELS
@@ -200,33 +176,6 @@ def check_modality(cfg: DictConfig) -> None:
         raise UserError(
             f"fid.extractor={extractor} is for images; data={cfg.data.name} is audio, "
             "judged by the project's spectrogram classifier (fid=classifier)"
-        )
-
-
-def check_image_folder(data: DictConfig) -> None:
-    """data=image_folder's labels, crop and load_size (ldm.data.folders)."""
-    from ldm.data.folders import CROP_MODES, LABEL_MODES
-
-    labels = data.get("labels", "none")
-    if labels not in LABEL_MODES:
-        raise UserError(f"data.labels={labels!r} is not one of {'|'.join(LABEL_MODES)}")
-    if labels == "folders" and data.get("num_classes") is None:
-        raise UserError(
-            "data.labels=folders but data.num_classes is null: the class folders were not read "
-            "(ldm.data.folders.resolve_folder_labels runs before validate_config)"
-        )
-    crop = data.get("crop", "center")
-    if crop not in CROP_MODES:
-        raise UserError(f"data.crop={crop!r} is not one of {'|'.join(CROP_MODES)}")
-    size, load = data.get("image_size"), data.get("load_size")
-    if load is not None and load < size:
-        raise UserError(
-            f"data.load_size={load} is smaller than data.image_size={size}; use >= {size} or null"
-        )
-    if crop == "random" and (load is None or load <= size):
-        raise UserError(
-            f"data.crop=random needs data.load_size > data.image_size={size} (the square it crops "
-            f"from), e.g. data.load_size={size + size // 8}"
         )
 
 

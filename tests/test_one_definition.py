@@ -31,6 +31,7 @@ class LabelPainter:
 
     num_classes = 3
     takes_prompts = False
+    conditioner = None  # no image-to-image task
     device = torch.device("cpu")
     hparams = SimpleNamespace(val_guidance_scale=2.0)
 

@@ -127,7 +127,7 @@ from hydra.utils import instantiate
 from ldm.metrics.train_classifier import get_or_train_classifier
 with initialize_config_dir(config_dir={str(ROOT / "conf")!r}, version_base="1.3"):
     cfg = compose(config_name="train", overrides=["data=digits", "data.image_size=16"])
-datamodule = instantiate(cfg.data)
+datamodule = instantiate(cfg.data, batch_size=32)
 datamodule.setup("fit")
 """
     body = f"get_or_train_classifier(datamodule, {str(cache)!r}, epochs=1)"

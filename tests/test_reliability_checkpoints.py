@@ -42,7 +42,12 @@ def tiny_autoencoder_config(num_channels: int = 1, image_size: int = 16) -> dict
         False,
         2,
     )
-    cfg = OmegaConf.create({"data": {"num_channels": num_channels, "image_size": image_size}})
+    cfg = OmegaConf.create(
+        {
+            "data": {"num_channels": num_channels, "image_size": image_size},
+            "trainer": {"gradient_clip_val": None},  # the autoencoder's grad_clip follows it
+        }
+    )
     cfg.model = {"autoencoder": ae}
     return OmegaConf.to_container(cfg, resolve=True)
 

@@ -117,7 +117,7 @@ def test_stage2_mistakes_fail_before_stage_1(tmp_path):
 def write_folder(root, n=4):
     root.mkdir()
     for i in range(n):
-        Image.new("RGB", (64, 64), (40 * i, 80, 120)).save(root / f"{i}.png")
+        Image.new("RGB", (64, 64), (6 * i, 80, 120)).save(root / f"{i}.png")
 
 
 def test_unlabeled_folder_with_classifier_fid_fails_before_stage_1(tmp_path):
@@ -171,3 +171,21 @@ def test_help_and_cfg_job_work():
         )
         assert result.returncode == 0, result.stderr
     assert "autoencoder:" in result.stdout and "logger:" not in result.stdout
+
+
+def test_feature_network_cli_builds_stage_2_data(tmp_path):
+    """`python -m ldm.metrics.contrastive data=image_folder ...` composes the run config as
+    train.py does; with the shared data.batch_size null it failed building the data module."""
+    from ldm.metrics.contrastive import main
+
+    write_folder(tmp_path / "images", n=40)
+    summary = main(
+        [
+            "data=image_folder",
+            f"data.root={tmp_path / 'images'}",
+            "data.image_size=32",
+            "fid.contrastive.epochs=1",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
+    assert summary["num_train"] == 38  # 40 images, val_fraction 0.05

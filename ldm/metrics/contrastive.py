@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.metrics.train_classifier import (
-    CONF_DIR,
+    cli_config,
     collect_images,
     save_json,
     save_tensors,
@@ -333,23 +332,8 @@ def train_and_save(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """CLI: compose conf/train.yaml with the given overrides and get (or retrain) the network."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import instantiate
-
-    from ldm.data.folders import resolve_folder_labels
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    retrain = "--retrain" in args
-    overrides = [a for a in args if a != "--retrain"]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    resolve_folder_labels(cfg)
-    datamodule = instantiate(cfg.data)
+    """CLI: get (or with --retrain, retrain) the contrastive network of the configured data."""
+    cfg, datamodule, retrain = cli_config(argv)
     settings = dict(cfg.fid.get("contrastive") or {})
     _, summary = get_or_train_contrastive(
         datamodule, cfg.fid.cache_dir, retrain=retrain, **settings

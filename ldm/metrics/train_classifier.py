@@ -302,23 +302,31 @@ def train_and_save(
     return model, summary
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """CLI: compose conf/train.yaml with the given overrides and get (or retrain) the classifier."""
+def cli_config(argv: list[str] | None) -> tuple[Any, Any, bool]:
+    """(run config, stage 2's data module, --retrain) for the feature-network CLIs: conf/train.yaml
+    composed with the given overrides, as train.py composes it (FID judges stage 2's data)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
     from ldm.config import stage_section
+    from ldm.data.folders import resolve_folder_labels
 
     args = list(sys.argv[1:] if argv is None else argv)
-    retrain = "--retrain" in args
     overrides = [a for a in args if a != "--retrain"]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
     HydraConfig().set_config(cfg)  # so ${hydra:runtime.cwd} in paths resolves as under train.py
-    datamodule = instantiate(stage_section(cfg, "diffusion", "data"))  # FID is stage 2's
+    resolve_folder_labels(cfg)
+    datamodule = instantiate(stage_section(cfg, "diffusion", "data"))
+    return cfg, datamodule, "--retrain" in args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """CLI: get (or with --retrain, retrain) the classifier of the configured data."""
+    cfg, datamodule, retrain = cli_config(argv)
     settings = dict(cfg.fid.get("classifier") or {})
     _, summary = get_or_train_classifier(datamodule, cfg.fid.cache_dir, retrain=retrain, **settings)
     return summary

@@ -36,7 +36,7 @@ from ldm.metrics.train_classifier import (
     save_tensors,
     settings_hash,
 )
-from ldm.utils.cache_lock import cache_lock
+from ldm.utils.cache_lock import load_or_build
 from ldm.utils.checkpoint import read_torch_file
 from ldm.utils.errors import UserError
 
@@ -305,13 +305,13 @@ def get_or_train_contrastive(
         )
         return model, summary
 
-    if weights.is_file() and summary_path.is_file() and not retrain:
-        return cached()
-    # Runs that start together train it once: the others wait here, then load it.
-    with cache_lock(weights, "FID contrastive network") as waited:
-        if weights.is_file() and summary_path.is_file() and not (retrain and not waited):
-            return cached()
-        return train_and_save(datamodule, settings, weights, summary_path, say)
+    return load_or_build(
+        (weights, summary_path),
+        "FID contrastive network",
+        cached,
+        lambda: train_and_save(datamodule, settings, weights, summary_path, say),
+        retrain,
+    )
 
 
 def train_and_save(

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm.metrics.classifier import FeatureClassifier
 from ldm.metrics.classifier_config import ARCH_KEYS, DEFAULTS, TRAINING_KEYS
-from ldm.utils.cache_lock import cache_lock
+from ldm.utils.cache_lock import load_or_build
 from ldm.utils.checkpoint import atomic_write, read_torch_file
 from ldm.utils.errors import UserError
 
@@ -254,13 +254,13 @@ def get_or_train_classifier(
         )
         return model, summary
 
-    if weights.is_file() and summary_path.is_file() and not retrain:
-        return cached()
-    # Runs that start together train it once: the others wait here, then load it.
-    with cache_lock(weights, "FID classifier") as waited:
-        if weights.is_file() and summary_path.is_file() and not (retrain and not waited):
-            return cached()
-        return train_and_save(datamodule, settings, weights, summary_path, device, say)
+    return load_or_build(
+        (weights, summary_path),
+        "FID classifier",
+        cached,
+        lambda: train_and_save(datamodule, settings, weights, summary_path, device, say),
+        retrain,
+    )
 
 
 def train_and_save(

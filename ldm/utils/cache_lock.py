@@ -32,10 +32,12 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from filelock import FileLock, Timeout
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def lock_path(path: str | Path) -> Path:
@@ -107,3 +109,20 @@ def build_once(path: str | Path, build: Callable[[Path], object], what: str = "c
                     tmp.unlink()
             raise
     return path
+
+
+def load_or_build(
+    paths: tuple[Path, ...], what: str, load: Callable[[], T], build: Callable[[], T], retrain: bool
+) -> T:
+    """`load()` when every file of a cache entry exists (unless `retrain`), else `build()` under
+    the entry's lock: runs that start together build it once, the others wait and then load it."""
+
+    def ready() -> bool:
+        return all(path.is_file() for path in paths)
+
+    if ready() and not retrain:
+        return load()
+    with cache_lock(paths[0], what) as waited:
+        if ready() and not (retrain and not waited):
+            return load()
+        return build()

@@ -25,7 +25,6 @@ import logging
 import os
 import secrets
 import socket
-import time
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -159,17 +158,3 @@ def release_dir(path: str | Path) -> None:
     handle = _HELD.pop(str(Path(path).absolute()), None)
     if handle is not None:
         handle.close()
-
-
-def wait_for_release(path: str | Path, timeout: float = 10.0) -> bool:
-    """True once no process holds the lock of `path` (tests)."""
-    lock = Path(path) / LOCK_NAME
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(lock, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                time.sleep(0.1)
-    return False

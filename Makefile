@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (auto = one per core, at most 8); TEST_WORKERS=0: serial
+TEST_WORKERS ?= auto
 
 .PHONY: install train sample test test-fast lint notebooks bench-quick clean
 
@@ -26,7 +28,7 @@ sample: install
 
 # The whole suite, slow end-to-end tests included (pytest exit 5 = "no tests ran" is a failure).
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 8 --dist loadscope $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: install

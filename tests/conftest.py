@@ -20,6 +20,14 @@ CONF_DIR = ROOT / "conf"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: one thread each (and in the runs they start), or the
+    # workers' thread pools oversubscribe the cores.
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def quiet_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
     """A CPU Trainer for unit tests: no logger, checkpoints, progress bar, summary or validation

@@ -23,7 +23,11 @@ OLD_CKPT = ROOT / "tests" / "fixtures" / "diffusion_6fef1e3_debug_fast.ckpt"
 
 
 def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+    }
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,

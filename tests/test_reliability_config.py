@@ -182,6 +182,12 @@ def test_old_per_stage_spelling_names_the_new_key():
             "model.diffusion.unet.num_classes=5 but data.num_classes=10; "
             "set model.diffusion.unet.num_classes=10",
         ),
+        (
+            ["model.diffusion.unet.model_channels=32"],  # the small UNet's 32 groups
+            "model.diffusion.unet.norm_num_groups=32 on 32 channels is one channel a group "
+            "(instance norm; samples saturate); use at most 16, e.g. "
+            "model.diffusion.unet.norm_num_groups=8",
+        ),
     ],
 )
 def test_bad_settings_are_named(tmp_path, overrides, expected):

@@ -262,6 +262,16 @@ def check_unet(cfg: DictConfig, autoencoder: dict[str, Any]) -> None:
                 f"model.diffusion.unet.{key}={unet[key]} but the autoencoder has latent_channels="
                 f"{latent_channels}; set model.diffusion.unet.{key}={latent_channels}"
             )
+    groups, width = unet.get("norm_num_groups"), unet.get("model_channels")
+    narrowest = width * min(unet.get("channel_mult", [1])) if width else None
+    if groups is not None and narrowest == groups:
+        # one channel a group is instance norm: every norm removes each feature map's spatial
+        # mean, so the UNet cannot see the low-frequency part of its noise and samples saturate
+        raise UserError(
+            f"model.diffusion.unet.norm_num_groups={groups} on {narrowest} channels is one channel "
+            f"a group (instance norm; samples saturate); use at most {groups // 2}, e.g. "
+            f"model.diffusion.unet.norm_num_groups={max(1, groups // 4)}"
+        )
     f = downsample_factor(autoencoder)
     latent_size, unet_f = cfg.data.image_size // f, 2 ** (len(unet.get("channel_mult", [1])) - 1)
     if latent_size % unet_f:

@@ -18,24 +18,29 @@ from tests.conftest import ROOT
 
 # Each process waits for the same wall-clock moment, so that all of them ask for the cache together.
 RACE = """
-import logging, sys, time
+import logging, os, sys, time
+from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-start_at = float(sys.argv[1])
+ready, n = Path(sys.argv[1]), int(sys.argv[2])
 {setup}
-time.sleep(max(0.0, start_at - time.time()))
+(ready / str(os.getpid())).touch()
+while len(list(ready.iterdir())) < n:  # a barrier: every process has finished its setup
+    time.sleep(0.01)
 {body}
 """
 
 
-def race(setup: str, body: str, n: int, tmp_path: Path, lead: float = 6.0) -> list[str]:
-    """Run `body` in `n` processes released at the same moment; their stdouts."""
+def race(setup: str, body: str, n: int, tmp_path: Path) -> list[str]:
+    """Run `body` in `n` processes released together once all have run `setup` (a barrier, not a
+    clock: on a loaded machine imports take any time); their stdouts."""
     script = tmp_path / "race.py"
     script.write_text(RACE.format(setup=setup, body=body))
+    ready = tmp_path / "ready"
+    ready.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    start_at = time.time() + lead
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(start_at)],
+            [sys.executable, str(script), str(ready), str(n)],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
@@ -131,7 +136,7 @@ datamodule = instantiate(cfg.data, batch_size=32)
 datamodule.setup("fit")
 """
     body = f"get_or_train_classifier(datamodule, {str(cache)!r}, epochs=1)"
-    outputs = race(setup, body, 2, tmp_path, lead=12.0)
+    outputs = race(setup, body, 2, tmp_path)
     trained = [o for o in outputs if "FID classifier: trained" in o]
     loaded = [o for o in outputs if "FID classifier: loaded" in o]
     assert (len(trained), len(loaded)) == (1, 1), outputs

@@ -537,6 +537,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.num_samples = len(job["files"])  # one output per input
     class_names = checkpoint_class_names(ckpt)
     inputs = conditioning_inputs(cfg, model, class_names)
+    if job is not None and job["mode"] != "sdedit" and _plain(cfg.class_label) is None:
+        if inputs and cfg.guidance_scale != 1.0:
+            raise UserError(
+                f"guidance_scale={cfg.guidance_scale} needs class_label=... (task={job['mode']} "
+                "without a label fills in whatever the input suggests, unguided)"
+            )
+        inputs = {}  # inpainting / super-resolution not told the class (the null class), unguided
     labels = inputs.get("class_labels")
     guidance = effective_guidance(cfg, model)
     samplers = {}  # None: the main run's; n: the NFE sweep's n-step one

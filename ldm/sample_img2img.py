@@ -122,7 +122,8 @@ def generate(
 ) -> tuple[torch.Tensor, float]:
     """Outputs (N, C, H, W) in [-1, 1] on the CPU for the N inputs, and the seconds spent.
     Inpainting outputs keep the input's known pixels when `paste` (default: the checkpoint's
-    task.paste). `class_inputs`: class labels or prompts for SDEdit with a conditional model."""
+    task.paste). `class_inputs`: class labels or prompts for SDEdit with a conditional model, or
+    for inpainting / super-resolution with a model also told the class (conditioning=hybrid)."""
     from ldm.data.degradations import paste_known
 
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -137,13 +138,14 @@ def generate(
         if job["mode"] == "sdedit":
             kwargs["init_images"] = job["init_images"][i : i + bs].to(device)
             kwargs["strength"] = cfg.strength
-            kwargs.update(
-                {
-                    k: v[i : i + bs].to(device) if isinstance(v, torch.Tensor) else v[i : i + bs]
-                    for k, v in class_inputs.items()
-                }
-            )  # class labels or prompts
-            kwargs["guidance_scale"] = cfg.guidance_scale if class_inputs else 1.0
+        # class labels or prompts (SDEdit; inpainting / super-resolution with conditioning=hybrid)
+        kwargs.update(
+            {
+                k: v[i : i + bs].to(device) if isinstance(v, torch.Tensor) else v[i : i + bs]
+                for k, v in class_inputs.items()
+            }
+        )
+        kwargs["guidance_scale"] = cfg.guidance_scale if class_inputs else 1.0
         out = (
             model.sample(min(bs, n - i), generator=generator, sampler=sampler, **kwargs)
             .float()

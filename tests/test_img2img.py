@@ -108,8 +108,8 @@ def test_format_table_lists_rows_and_metrics():
 # -- with a LatentDiffusion ----------------------------------------------------------------------
 
 
-def build_model(tmp_path: Path, task: str):
-    cfg = compose_config([*TINY, f"task={task}"], tmp_path)
+def build_model(tmp_path: Path, task: str, *overrides: str):
+    cfg = compose_config([*TINY, f"task={task}", *overrides], tmp_path)
     torch.manual_seed(0)
     autoencoder = hydra.utils.instantiate(cfg.model.autoencoder)
     module_cfg = OmegaConf.to_container(cfg.model.diffusion, resolve=True)
@@ -250,7 +250,8 @@ def test_hybrid_is_concat_plus_cross_attention(tmp_path):
         concat=lambda autoencoder: LowResConditioner(autoencoder, 1, 32), context=_Context(),
         autoencoder=_AE(),
     )  # fmt: skip
-    assert hybrid.concat_channels == 1 and hybrid.context_dim == 8 and hybrid.input_key == "label"
+    assert hybrid.concat_channels == 1 and hybrid.context_dim == 8
+    assert hybrid.input_key == "lowres" and hybrid.context_key == "label"  # the image is required
     batch = {"label": torch.tensor([1, 2]), "lowres": torch.rand(2, 1, 8, 8)}
     out = hybrid(batch, drop=torch.tensor([True, False]))
     assert set(out) == {"concat", "context", "context_mask"}
@@ -259,3 +260,35 @@ def test_hybrid_is_concat_plus_cross_attention(tmp_path):
     unet = UNet(4, 4, 32, [1, 2], 1, [1], norm_num_groups=8, concat_channels=1, context_dim=8)
     pred = unet(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), **out)
     assert pred.shape == (2, 4, 8, 8)
+
+
+def test_hybrid_config_tells_an_inpainting_model_the_class(tmp_path):
+    """conditioning=hybrid: the masked image is concatenated and the label reaches the class
+    embedding; without a label (or when dropped) the null class; the same weights layout plus the
+    class embedding; evaluation scores the model with and without the label."""
+    model = build_model(tmp_path, "inpaint", "conditioning=hybrid")[1]
+    assert model.unet.concat_channels == 5 and model.unet.num_classes == 10
+    assert model.takes_labels and not model.takes_prompts
+    assert model.hparams.cond_drop_prob == 0.1
+    assert not any(k.startswith("conditioner.") for k in model.state_dict())
+    items = val_items("inpaint")
+    batch = {k: torch.stack([item[k] for item in items]) for k in ("masked_image", "mask", "label")}
+    told = model.condition(batch)
+    assert torch.equal(told["class_labels"], batch["label"]) and told["concat"].shape[1] == 5
+    dropped = model.condition(batch, drop=torch.tensor([True, False, True, False]))
+    assert dropped["class_labels"].tolist() == [10, 1, 10, 3]
+    torch.testing.assert_close(dropped["concat"], told["concat"])  # the image is never dropped
+    unlabeled = model.condition({k: batch[k] for k in ("masked_image", "mask")})
+    assert unlabeled["class_labels"].tolist() == [10] * 4  # no label given: the null class
+    randomize(model.unet)
+    model.eval()
+    inputs = {k: batch[k] for k in ("masked_image", "mask")}
+    outs = [
+        model.sample(4, class_labels=c, inputs=inputs, generator=torch.Generator().manual_seed(0))
+        for c in (None, [1, 1, 1, 1], [2, 2, 2, 2])
+    ]
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+    result = evaluate_img2img(model, items, num_samples=4, batch_size=2, grid_items=2)
+    rows = {"masked input", "ours", "ours without label", "ours (before paste)"}
+    assert set(result["rows"]) == rows
+    assert result["grid"].shape[-1] == 4 * 18 + 2  # masked | ours | ours without label | original

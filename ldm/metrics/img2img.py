@@ -69,16 +69,35 @@ def run_img2img(
     generator: torch.Generator | None = None,
     sampler: Any = None,
     paste: bool = True,
+    use_labels: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Outputs of a super-resolution or inpainting model for a batch of its inputs.
 
+    A model that is also told the class (`conditioning=hybrid`: `model.takes_labels`) gets the
+    batch's "label" when `use_labels`, with the model's `val_guidance_scale`; otherwise the null
+    class, unguided.
     Returns {"output"} (pasted for inpainting when `paste`: the known pixels are the input's) plus
     {"raw"} (inpainting: the decoded sample before pasting) and {"baseline"} (bicubic upscale /
     the masked input). Images (B, C, H, W) in [-1, 1] on the CPU."""
     task = model_task(model)
     inputs = {k: v.to(model.device) for k, v in task_inputs(task, batch).items()}
     n = len(next(iter(inputs.values())))
-    out = model.sample(n, inputs=inputs, generator=generator, sampler=sampler).float().cpu()
+    labels, guidance = None, 1.0
+    if use_labels and getattr(model, "takes_labels", False) and "label" in batch:
+        labels = batch["label"].long().to(model.device)
+        guidance = float(model.hparams.get("val_guidance_scale", 1.0))
+    out = (
+        model.sample(
+            n,
+            class_labels=labels,
+            guidance_scale=guidance,
+            inputs=inputs,
+            generator=generator,
+            sampler=sampler,
+        )
+        .float()
+        .cpu()
+    )
     if task == "superres":
         size = model.hparams.image_size
         return {"output": out, "baseline": bicubic_resize(batch["lowres"].float().cpu(), size)}
@@ -108,6 +127,9 @@ def _row(
     return row
 
 
+UNLABELED_ROW = "ours without label"
+
+
 @torch.no_grad()
 def evaluate_img2img(
     model: Any,
@@ -135,9 +157,19 @@ def evaluate_img2img(
     n = min(num_samples, len(dataset))
     loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size)
     generator = torch.Generator().manual_seed(seed)
+    unlabeled_generator = torch.Generator().manual_seed(seed)
     outs: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
         result = run_img2img(model, batch, generator=generator, sampler=sampler, paste=paste)
+        if getattr(model, "takes_labels", False):  # the same model, not told the class
+            result["unlabeled"] = run_img2img(
+                model,
+                batch,
+                generator=unlabeled_generator,
+                sampler=sampler,
+                paste=paste,
+                use_labels=False,
+            )["output"]
         result["original"] = batch["image"].float()
         if "label" in batch:
             result["label"] = batch["label"]
@@ -162,6 +194,8 @@ def evaluate_img2img(
         baseline_name: _row(cat["baseline"], originals, labels, fid_args),
         "ours": _row(cat["output"], originals, labels, fid_args),
     }
+    if "unlabeled" in cat:
+        rows[UNLABELED_ROW] = _row(cat["unlabeled"], originals, labels, fid_args)
     if task == "inpaint":
         known = (cat["mask"] < 0.5).expand_as(originals)
         raw_err = (cat["raw"] - originals).abs()[known].mean() / 2  # in [0, 1] units
@@ -173,15 +207,24 @@ def evaluate_img2img(
     return {"task": task, "num_samples": n, "rows": rows, "grid": grid}
 
 
+def grid_columns(task: str, labeled: bool = False) -> list[str]:
+    """The comparison grid's columns, left to right."""
+    if task == "superres":
+        return ["low-res (nearest)", "bicubic", "ours", "original"]
+    return ["masked", "ours", *(["ours without label"] if labeled else []), "original"]
+
+
 def comparison_grid(task: str, cat: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(C, H', W') in [0, 1], one row per item: low-res (nearest) | bicubic | ours | original
-    (super-resolution) or masked | ours | original (inpainting)."""
+    """(C, H', W') in [0, 1], one row per item, columns `grid_columns`: low-res (nearest) |
+    bicubic | ours | original (super-resolution) or masked | ours | original (inpainting; a model
+    told the class adds the same model without the label before the original)."""
     originals = cat["original"]
     if task == "superres":
         lowres_up = F.interpolate(cat["lowres"], size=originals.shape[-2:], mode="nearest")
         columns = [lowres_up, cat["baseline"], cat["output"], originals]
     else:
-        columns = [cat["baseline"], cat["output"], originals]
+        unlabeled = [cat["unlabeled"]] if "unlabeled" in cat else []
+        columns = [cat["baseline"], cat["output"], *unlabeled, originals]
     tiles = torch.stack(columns, dim=1).flatten(0, 1)  # (k * columns, C, H, W), item-major
     return make_grid(((tiles + 1) / 2).clamp(0, 1), nrow=len(columns), padding=2)
 
@@ -200,12 +243,6 @@ def img2img_grid(
     if task == "superres":
         cat["lowres"] = batch["lowres"].float()
     return comparison_grid(task, cat)
-
-
-GRID_COLUMNS = {
-    "superres": "low-res (nearest) | bicubic | ours | original",
-    "inpaint": "masked | ours | original",
-}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -235,7 +272,8 @@ def save_result(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
         "grid": out / "img2img_grid.png",
     }
     payload = {k: result[k] for k in ("task", "num_samples", "rows")}
-    payload["grid_columns"] = GRID_COLUMNS[result["task"]]
+    labeled = UNLABELED_ROW in result["rows"]
+    payload["grid_columns"] = " | ".join(grid_columns(result["task"], labeled))
     paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
     paths["table"].write_text(format_table(result) + "\n")
     save_image(result["grid"], paths["grid"])

@@ -336,7 +336,7 @@ class LatentDiffusion(pl.LightningModule):
 
     def check_labels(self, num_samples: int, class_labels: int | torch.Tensor) -> torch.Tensor:
         """Labels (num_samples,) on self.device; rejects labels the model cannot take."""
-        if not isinstance(self.conditioner, ClassConditioner):
+        if not self.takes_labels:
             raise ValueError(
                 f"class_labels given but the model is {self.conditioning_name()}; "
                 + ("pass prompts" if self.takes_prompts else "pass class_labels=None")
@@ -357,9 +357,17 @@ class LatentDiffusion(pl.LightningModule):
         return labels
 
     @property
+    def takes_labels(self) -> bool:
+        """True for a class-conditional model, or an image-to-image one also told the class
+        (conditioning=hybrid: a HybridConditioner around a ClassConditioner)."""
+        context = getattr(self.conditioner, "context", self.conditioner)
+        return isinstance(context, ClassConditioner)
+
+    @property
     def takes_prompts(self) -> bool:
         """True for a text-conditioned model (its conditioner reads batch["caption"])."""
-        return getattr(self.conditioner, "input_key", None) == "caption"
+        key = getattr(self.conditioner, "context_key", None)  # a hybrid's context
+        return (key or getattr(self.conditioner, "input_key", None)) == "caption"
 
     def conditioning_name(self) -> str:
         if self.conditioner is None:

@@ -139,8 +139,11 @@ class MaskedImageConditioner(ImageConditioner):
 
 
 class HybridConditioner(Conditioner):
-    """`concat` from an ImageConditioner plus the outputs of `context` (e.g. a text conditioner's
-    `context` + `context_mask` for cross-attention); `drop` reaches the context only."""
+    """`concat` from an ImageConditioner plus the outputs of `context`: a class conditioner's
+    `class_labels` (`conditioning=hybrid`: "fill this hole with a 7") or a text conditioner's
+    `context` + `context_mask` for cross-attention (CompVis's `hybrid`). `drop` reaches the context
+    only, and a batch without the context's entry (no label or caption given) gets the null
+    context: the same model then inpaints or upscales without being told what to draw."""
 
     def __init__(
         self,
@@ -151,7 +154,8 @@ class HybridConditioner(Conditioner):
         super().__init__()
         concat = build_conditioner(concat, autoencoder)
         self.concat, self.context = concat, context
-        self.input_key = context.input_key
+        self.input_key = concat.input_key  # the image is required; the context is optional
+        self.context_key = context.input_key
         self.context_dim = getattr(context, "context_dim", None)
         self.concat_channels = concat.concat_channels
         self.task = concat.task
@@ -159,10 +163,15 @@ class HybridConditioner(Conditioner):
     def forward(
         self, batch: dict[str, Any], drop: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        return {**self.context(batch, drop), **self.concat(batch)}
+        image = self.concat(batch)
+        if self.context_key in batch:
+            return {**self.context(batch, drop), **image}
+        concat = image["concat"]
+        return {**self.context.unconditional(len(concat), concat.device), **image}
 
     def check_conditions(self, batch: dict[str, Any]) -> None:
-        self.context.check_conditions(batch)
+        if self.context_key in batch:
+            self.context.check_conditions(batch)
 
     def unconditional(self, num: int, device: torch.device | str) -> dict[str, torch.Tensor]:
         return self.concat.unconditional(num, device)

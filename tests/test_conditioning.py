@@ -4,13 +4,14 @@ masked."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from ldm.models.loading import load_latent_diffusion
-from ldm.modules.attention import SpatialTransformer
+from ldm.modules.attention import SpatialTransformer, sincos_position_2d
 from ldm.modules.conditioning import ClassConditioner
 from ldm.modules.unet import UNet
 
@@ -96,3 +97,30 @@ def test_unet_with_context_dim_uses_the_context_and_checks_it():
     plain = UNet(4, 4, 8, channel_mult=(1, 2), num_res_blocks=1, num_heads=2, norm_num_groups=4)
     with pytest.raises(ValueError, match="context_dim=None but context is"):
         plain(x, t, context=ctx)
+
+
+def test_sincos_position_embedding_values_and_what_it_tells_cross_attention():
+    pe = sincos_position_2d(2, 3, 8)  # (6, 8): rows (y) in channels 0-3, columns (x) in 4-7
+    assert pe.shape == (6, 8)
+    # token k sits at (k // 3, k % 3); each half is [sin(p w0), sin(p w1), cos(p w0), cos(p w1)]
+    # with w = 1 / 10000^(j / 2) = (1, 0.01)
+    y, x = 1.0, 2.0
+    half = [math.sin(y), math.sin(y / 100), math.cos(y), math.cos(y / 100)]
+    expected = torch.tensor([*half, math.sin(x), math.sin(x / 100), math.cos(x), math.cos(x / 100)])
+    torch.testing.assert_close(pe[5], expected)
+    torch.testing.assert_close(pe[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+    with pytest.raises(ValueError, match="channels % 4"):
+        sincos_position_2d(2, 2, 6)
+    # A feature map that is the same everywhere: without positions every token attends alike
+    # (left and right halves come out equal), with them they differ; no parameters are added.
+    torch.manual_seed(0)
+    plain = SpatialTransformer(channels=8, num_heads=2, num_groups=4, context_dim=6)
+    placed = SpatialTransformer(8, 2, 4, 6, position_embedding=True)
+    assert plain.state_dict().keys() == placed.state_dict().keys()
+    placed.load_state_dict(randomized(plain).state_dict())
+    x, ctx = torch.randn(1, 8, 1, 1).expand(1, 8, 4, 4), torch.randn(1, 3, 6)
+    out_plain, out_placed = plain(x, ctx), placed(x, ctx)
+    torch.testing.assert_close(out_plain[..., :2], out_plain[..., 2:].flip(-1))
+    assert not torch.allclose(out_placed[..., :2], out_placed[..., 2:].flip(-1), atol=1e-3)
+    with pytest.raises(ValueError, match="position_embedding=true applies to cross-attention"):
+        UNet(4, 4, 8, (1, 2), 1, norm_num_groups=4, position_embedding=True)

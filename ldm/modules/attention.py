@@ -84,15 +84,47 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def sincos_position_2d(
+    h: int, w: int, dim: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (h * w, dim), row-major like the tokens: the first
+    half of the channels encodes the row, the second the column, each as sin/cos at dim / 4
+    frequencies 1 / 10000^(k / (dim / 4)) (MAE / DiT's `get_2d_sincos_pos_embed`)."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine position embedding needs channels % 4 == 0, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim // 4))
+
+    def embed(pos: torch.Tensor) -> torch.Tensor:  # (P,) -> (P, dim / 2)
+        angles = pos.double()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    ys = torch.arange(h, device=device).repeat_interleave(w)  # (h * w,)
+    xs = torch.arange(w, device=device).repeat(h)
+    return torch.cat([embed(ys), embed(xs)], dim=1).float()  # (h * w, dim)
+
+
 class SpatialTransformer(nn.Module):
-    """(B, C, H, W) feature map x context (B, L, D) -> (B, C, H, W); identity at initialisation."""
+    """(B, C, H, W) feature map x context (B, L, D) -> (B, C, H, W); identity at initialisation.
+    `position_embedding`: add `sincos_position_2d` to the image tokens, so that cross-attention
+    can tell where a token sits (text that places things: "a 3 left of a 7"); no parameters, so
+    the state_dict layout is the same either way. Off in CompVis (positions come only from the
+    convolutions' padding); on in DiT."""
 
     def __init__(
-        self, channels: int, num_heads: int, num_groups: int, context_dim: int, depth: int = 1
+        self,
+        channels: int,
+        num_heads: int,
+        num_groups: int,
+        context_dim: int,
+        depth: int = 1,
+        position_embedding: bool = False,
     ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"transformer_depth={depth} must be >= 1")
+        if position_embedding and channels % 4:
+            raise ValueError(f"position_embedding needs channels % 4 == 0, got {channels}")
+        self.position_embedding = position_embedding
         self.norm = group_norm(channels, num_groups)
         self.proj_in = nn.Linear(channels, channels)
         self.blocks = nn.ModuleList(
@@ -105,6 +137,8 @@ class SpatialTransformer(nn.Module):
     ) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
+        if self.position_embedding:
+            tokens = tokens + sincos_position_2d(h, w, c, x.device).to(tokens.dtype)
         for block in self.blocks:
             tokens = block(tokens, context, context_mask)
         out = self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)

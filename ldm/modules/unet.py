@@ -73,6 +73,8 @@ class UNet(nn.Module):
             attention blocks become SpatialTransformers (self-attention, cross-attention to the
             context, feed-forward; ldm.modules.attention). None: plain self-attention blocks.
         transformer_depth: transformer blocks per SpatialTransformer.
+        position_embedding: SpatialTransformers add a fixed 2-D sine-cosine position embedding to
+            their image tokens (captions that place things; no parameters, same weights layout).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class UNet(nn.Module):
         context_dim: int | None = None,
         transformer_depth: int = 1,
         concat_channels: int | Sequence[int] = 0,
+        position_embedding: bool = False,
     ):
         super().__init__()
         channel_mult, attention_levels = list(channel_mult), list(attention_levels)
@@ -108,6 +111,11 @@ class UNet(nn.Module):
             raise ValueError(f"num_res_blocks={num_res_blocks} must be >= 1")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes={num_classes} must be None or >= 1")
+        if position_embedding and context_dim is None:
+            raise ValueError(
+                "position_embedding=true applies to cross-attention blocks: set context_dim "
+                "(conditioning=text)"
+            )
         if not isinstance(concat_channels, int):
             concat_channels = sum(concat_channels)
         if concat_channels < 0:
@@ -124,7 +132,9 @@ class UNet(nn.Module):
         def attention(ch: int) -> nn.Module:
             if context_dim is None:
                 return AttentionBlock(ch, num_heads, groups)
-            return SpatialTransformer(ch, num_heads, groups, context_dim, transformer_depth)
+            return SpatialTransformer(
+                ch, num_heads, groups, context_dim, transformer_depth, position_embedding
+            )
 
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)

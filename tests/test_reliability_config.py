@@ -188,6 +188,11 @@ def test_old_per_stage_spelling_names_the_new_key():
             "(instance norm; samples saturate); use at most 16, e.g. "
             "model.diffusion.unet.norm_num_groups=8",
         ),
+        (
+            ["task=inpaint", "conditioning=hybrid", "data.num_classes=null"],
+            "conditioning=hybrid tells the model the class, but data=mnist5k has no labels "
+            "(data.num_classes=null); use conditioning=concat",
+        ),
     ],
 )
 def test_bad_settings_are_named(tmp_path, overrides, expected):

@@ -123,6 +123,12 @@ def check_task_config(cfg: Any) -> None:
             f"task={task.name} needs conditioning=concat or conditioning=hybrid (the UNet takes "
             "no image condition otherwise)"
         )
+    context = OmegaConf.select(cfg, "model.diffusion.conditioner.context._target_") or ""
+    if context.endswith("ClassConditioner") and cfg.data.get("num_classes") is None:
+        raise UserError(
+            f"conditioning=hybrid tells the model the class, but data={cfg.data.get('name')} has "
+            "no labels (data.num_classes=null); use conditioning=concat"
+        )
     factor = OmegaConf.select(task, "degradation.factor")
     if factor is not None and cfg.data.image_size % factor:
         raise UserError(

@@ -211,7 +211,7 @@ def grid_columns(task: str, labeled: bool = False) -> list[str]:
     """The comparison grid's columns, left to right."""
     if task == "superres":
         return ["low-res (nearest)", "bicubic", "ours", "original"]
-    return ["masked", "ours", *(["ours without label"] if labeled else []), "original"]
+    return ["masked", "ours", *([UNLABELED_ROW] if labeled else []), "original"]
 
 
 def comparison_grid(task: str, cat: dict[str, torch.Tensor]) -> torch.Tensor:

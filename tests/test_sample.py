@@ -185,7 +185,7 @@ def test_schema_types_and_defaults_of_sample_yaml(tmp_path):
     cfg = compose_config(["ckpt=x", "precision=16"], tmp_path, config_name="sample")
     assert OmegaConf.get_type(cfg) is SampleConfig
     assert (cfg.num_samples, cfg.use_ema, cfg.precision, cfg.nfe_sweep) == (64, True, "16", None)
-    assert cfg.sampler.name == "ddim" and cfg.metrics.extractor == "auto"
+    assert cfg.sampler.name == "dpm_solver_sde" and cfg.metrics.extractor == "auto"
     for bad in ("num_samples=abc", "guidance_scale=x", "nfe_sweep=[a]", "trajectory=maybe"):
         with pytest.raises(ConfigCompositionException):
             compose_config([bad], tmp_path, config_name="sample")

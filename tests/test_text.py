@@ -320,17 +320,3 @@ def test_image_folder_reads_captions_jsonl_and_metadata_csv(tmp_path):
         ImageFolder(str(tmp_path), image_size=16, captions=True).build()
     plain = ImageFolder(str(tmp_path), image_size=16).build()
     assert "caption" not in plain[0]  # captions are opt-in: unconditional folders unchanged
-
-
-def test_untrained_text_encoder_already_sees_word_order():
-    """'1 left of 4' and '4 left of 1' hold the same words; an encoder whose position embeddings
-    are dwarfed by its token embeddings starts as a bag of words (mean context differing by ~1%)
-    and has to learn order from a weak signal. Token and position embeddings at one scale: the
-    two captions differ by several percent from the first step."""
-    vocab = train_vocab(["a 1 left of a 4", "a 4 right of a 1"])
-    for seed in range(5):
-        torch.manual_seed(seed)
-        encoder = TextConditioner(vocab, max_length=8, dim=64, depth=2, num_heads=4)
-        context = encoder.encode(["1 left of 4", "4 left of 1"])["context"][:, :5].mean(1)
-        change = (context[0] - context[1]).norm() / context[0].norm()
-        assert change > 0.03, (seed, float(change))

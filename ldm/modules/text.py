@@ -151,11 +151,7 @@ class TextConditioner(Conditioner):
             )
         self.tokenizer = CaptionTokenizer(vocab, max_length)
         self.context_dim = dim
-        # Token and position embeddings at comparable scales (CLIP: std 0.02 and 0.01). With
-        # nn.Embedding's std 1 beside positions at 0.02 the encoder starts as a bag of words, and
-        # word order is what "a 1 right of a 4" vs "a 4 right of a 1" differ in.
         self.token_embed = nn.Embedding(len(self.tokenizer), dim)
-        nn.init.normal_(self.token_embed.weight, std=0.02)
         self.pos_embed = nn.Parameter(torch.randn(max_length, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
             dim, num_heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True

@@ -366,8 +366,8 @@ class LatentDiffusion(pl.LightningModule):
     @property
     def takes_prompts(self) -> bool:
         """True for a text-conditioned model (its conditioner reads batch["caption"])."""
-        key = getattr(self.conditioner, "context_key", None)  # a hybrid's context
-        return (key or getattr(self.conditioner, "input_key", None)) == "caption"
+        context = getattr(self.conditioner, "context", self.conditioner)  # a hybrid's context
+        return getattr(context, "input_key", None) == "caption"
 
     def conditioning_name(self) -> str:
         if self.conditioner is None:

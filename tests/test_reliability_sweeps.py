@@ -1,6 +1,8 @@
 """Sweeps that survive: an Optuna sweep killed mid-way and rerun with the same command continues
 its study (SQLite in the sweep dir) without re-running finished trials; a local parallel grid
-(Hydra's joblib launcher, 2 jobs at a time) gives each job its own dir and one W&B group."""
+(Hydra's joblib launcher, 2 jobs at a time) gives each job its own dir and one W&B group; a grid
+typed as the README shows it (no hydra.sweep.dir) lands in logs/<task>/multiruns/ of the launch
+dir."""
 
 from __future__ import annotations
 
@@ -13,6 +15,23 @@ import yaml
 
 from ldm.utils.wandb_offline import read_history
 from tests.train_cli import FAST, explain, logged, train_cli, train_in_process
+
+
+def test_readme_grid_sweep_without_a_sweep_dir_runs_each_job_under_the_launch_dir(tmp_path):
+    # The sweeper resolves hydra.sweep.dir (-> paths.root_dir) before Hydra sets HydraConfig, where
+    # ${hydra:runtime.cwd} fails; every multirun test that passed hydra.sweep.dir hid this.
+    result = train_cli(
+        "-m", *FAST, "stage=autoencoder", "trainer.limit_train_batches=1", "seed=1,2", cwd=tmp_path
+    )
+    assert result.returncode == 0, explain(result)
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    seeds = set()
+    for job in (0, 1):
+        resolved = yaml.safe_load((sweep / str(job) / "config_resolved.yaml").read_text())
+        assert resolved["paths"]["root_dir"] == str(tmp_path)
+        assert (sweep / str(job) / "checkpoints" / "autoencoder" / "last.ckpt").is_file()
+        seeds.add(resolved["seed"])
+    assert seeds == {1, 2}
 
 
 @pytest.fixture(scope="module")

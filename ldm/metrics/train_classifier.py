@@ -318,7 +318,7 @@ def cli_config(argv: list[str] | None) -> tuple[Any, Any, bool]:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)  # so ${hydra:runtime.cwd} in paths resolves as under train.py
+    HydraConfig().set_config(cfg)  # so paths.root_dir (the launch dir) resolves as under train.py
     resolve_folder_labels(cfg)
     datamodule = instantiate(stage_section(cfg, "diffusion", "data"))
     return cfg, datamodule, "--retrain" in args

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from ldm.data import MNIST5k, TensorImageDataset
-from ldm.models.autoencoder import KLAutoencoder, VQAutoencoder, build_lr_scheduler
+from ldm.models.autoencoder import KLAutoencoder, VQAutoencoder
 from ldm.modules.blocks import num_groups_for
 from ldm.modules.discriminator import (
     NLayerDiscriminator,
@@ -25,6 +25,7 @@ from ldm.modules.discriminator import (
 from ldm.modules.distributions import DiagonalGaussian
 from ldm.modules.encoder_decoder import Decoder, Encoder
 from ldm.modules.quantizer import VectorQuantizer
+from ldm.optim import build_lr_scheduler
 from ldm.utils.images import log_image_grid
 from tests.conftest import quiet_trainer
 

@@ -14,7 +14,6 @@ Interface used by stage 2 (see the contract):
 """
 
 import abc
-import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
@@ -34,55 +33,16 @@ from ldm.modules.discriminator import adaptive_weight, hinge_d_loss, hinge_g_los
 from ldm.modules.distributions import DiagonalGaussian
 from ldm.modules.encoder_decoder import Decoder, Encoder
 from ldm.modules.quantizer import VectorQuantizer, codebook_perplexity
+from ldm.optim import SchedulerFactory, build_lr_scheduler
 from ldm.utils.images import log_image_grid, to_display_range
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # a Hydra `_partial_` optimizer
-LRScheduler = torch.optim.lr_scheduler.LRScheduler
-SchedulerFactory = Callable[..., LRScheduler]  # a Hydra `_partial_` scheduler
 
 _REC_LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
 _MODULE_ARGS = [
     *("encoder", "decoder", "optimizer", "discriminator", "disc_optimizer", "quantizer"),
     "lr_scheduler",
 ]
-
-
-def build_lr_scheduler(
-    factory: SchedulerFactory, optimizer: torch.optim.Optimizer, total_steps: float
-) -> LRScheduler:
-    """`factory(optimizer)` for a Hydra `_partial_` scheduler, with two additions so a YAML file can
-    describe warm-up + cosine: a `SequentialLR`'s `schedulers` are `_partial_`s as well, built on
-    the same optimizer, and a `CosineAnnealingLR` with `T_max=None` decays to `eta_min` over the
-    steps left when it starts (`total_steps` minus its milestone)."""
-    if (
-        isinstance(factory, functools.partial)
-        and factory.func is torch.optim.lr_scheduler.SequentialLR
-    ):
-        starts = [0, *factory.keywords["milestones"]]
-        parts = [
-            _build_one(part, optimizer, total_steps - start)
-            for part, start in zip(factory.keywords["schedulers"], starts, strict=True)
-        ]
-        return factory(optimizer, schedulers=parts)
-    return _build_one(factory, optimizer, total_steps)
-
-
-def _build_one(
-    factory: SchedulerFactory, optimizer: torch.optim.Optimizer, steps_left: float
-) -> LRScheduler:
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR
-    if not (
-        isinstance(factory, functools.partial)
-        and factory.func is cosine
-        and factory.keywords.get("T_max") is None
-    ):
-        return factory(optimizer)
-    if not math.isfinite(steps_left):
-        raise ValueError(
-            "the lr scheduler's CosineAnnealingLR has T_max=null (decay over the rest of "
-            "training), which needs a finite trainer.max_epochs or max_steps"
-        )
-    return factory(optimizer, T_max=max(1, int(steps_left)))
 
 
 class AutoencodeOutput(NamedTuple):

@@ -26,6 +26,7 @@ from ldm.diffusion.schedules import LOSS_WEIGHTINGS
 from ldm.diffusion.sdedit import sdedit
 from ldm.modules.conditioning import ClassConditioner, even_class_labels
 from ldm.modules.image_conditioning import build_conditioner
+from ldm.optim import build_lr_scheduler
 from ldm.utils.images import log_image_grid, log_prompt_table, to_display_range
 
 
@@ -505,7 +506,9 @@ class LatentDiffusion(pl.LightningModule):
         optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
+        total = self.trainer.estimated_stepping_batches  # training batches (inf without a budget)
+        total = max(1, int(total)) if math.isfinite(total) else total
+        scheduler = build_lr_scheduler(self.lr_scheduler_factory, optimizer, total)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

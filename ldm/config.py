@@ -8,6 +8,7 @@ budget applies only where the shared key is unset, so `trainer.max_epochs=2` set
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -31,8 +32,25 @@ def epoch_budget(max_epochs: int | None, max_steps: int | None, default: int) ->
     return default
 
 
+def launch_dir() -> str:
+    """`${ldm.launch_dir:}` (paths.root_dir): the directory train.py / sample.py was started in.
+    Hydra's `runtime.cwd` once Hydra has set it (every job, including those a launcher runs on
+    another node), else the current directory: the multirun sweeper resolves `hydra.sweep.dir`
+    before any job, where `${hydra:runtime.cwd}` fails ("HydraConfig was not set"); Hydra sets
+    runtime.cwd to that same os.getcwd() at start-up."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.cwd
+    return os.getcwd()
+
+
 def register_resolvers() -> None:
-    for name, fn in (("ifnull", ifnull), ("epoch_budget", epoch_budget)):
+    for name, fn in (
+        ("ifnull", ifnull),
+        ("epoch_budget", epoch_budget),
+        ("ldm.launch_dir", launch_dir),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

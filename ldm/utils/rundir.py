@@ -30,7 +30,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from ldm.utils.errors import UserError
@@ -52,24 +51,10 @@ def run_name(environ: Mapping[str, str] | None = None, now: datetime | None = No
     return f"{name}-slurm{job}" if job else name
 
 
-def launch_dir() -> str:
-    """The directory train.py / sample.py was started in: Hydra's `runtime.cwd` once Hydra has set
-    it (every job, including those a launcher runs on another node), else the current directory.
-    The else is the multirun sweeper resolving `hydra.sweep.dir` before any job, where
-    `${hydra:runtime.cwd}` fails ("HydraConfig was not set"); Hydra sets runtime.cwd to that same
-    os.getcwd() at start-up."""
-    if HydraConfig.initialized():
-        return HydraConfig.get().runtime.cwd
-    return os.getcwd()
-
-
 def register_resolver() -> None:
-    """`${ldm.run_name:}` (cached: one value per config and its sweep jobs) and
-    `${ldm.launch_dir:}` in configs."""
+    """`${ldm.run_name:}` in configs (cached: one value per config and its sweep jobs)."""
     if not OmegaConf.has_resolver("ldm.run_name"):
         OmegaConf.register_new_resolver("ldm.run_name", lambda: run_name(), use_cache=True)
-    if not OmegaConf.has_resolver("ldm.launch_dir"):
-        OmegaConf.register_new_resolver("ldm.launch_dir", launch_dir)
 
 
 register_resolver()

@@ -542,7 +542,8 @@ class FIDScorer:
             classifier=self.classifier,
             real_cache=self.real_cache,
         )
-        return {k: scores[k] for k in ("fid", "kid", "cas", "num_samples") if k in scores}
+        keys = ("fid", "kid", "cas", "precision", "recall", "density", "coverage", "num_samples")
+        return {k: scores[k] for k in keys if k in scores}
 
     def real_floor(self, datamodule: Any, n: int) -> dict[str, float]:
         """Scores of `n` held-out real images (the val split) as if generated: the best FID
@@ -561,10 +562,11 @@ def sample_latent_model(
     batch_size: int,
     seed: int,
     clock_name: str = "wall",
+    guidance_scale: float = 1.0,
 ) -> tuple[torch.Tensor, float]:
     """Images (N, C, H, W) in [-1, 1] from a LatentDiffusion with `sampler` for `labels` (N,), one
     seeded CPU generator for all batches, and the seconds (on `clock_name`) it took, decoding
-    included."""
+    included. Guidance at `guidance_scale` within the model's own guidance interval."""
     generator = torch.Generator().manual_seed(seed)
     n = len(labels)
     out = []
@@ -573,7 +575,13 @@ def sample_latent_model(
     for i in range(0, n, batch_size):
         batch = labels[i : i + batch_size].to(model.device)
         out.append(
-            model.sample(len(batch), class_labels=batch, generator=generator, sampler=sampler).cpu()
+            model.sample(
+                len(batch),
+                class_labels=batch,
+                generator=generator,
+                sampler=sampler,
+                guidance_scale=guidance_scale,
+            ).cpu()
         )
     synchronize(model.device)
     return torch.cat(out), now() - start

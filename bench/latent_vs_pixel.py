@@ -25,8 +25,20 @@ Both are sampled with DDIM at S steps (ours: ldm's DDIM; pixel: diffusers' DDIMS
 same class labels (every class equally often), no guidance, and scored with FID/KID/CAS on the
 project's classifier features against the MNIST-5k train split (N stated). No EMA for either.
 
+Part C (--equal-time; issue 21 item 7: what a user gets for the default run's time):
+- ours: the default run itself, both stages (`python train.py` with the default recipe, its final
+  FID included), timed on --clock; sampled with the default sampler (DPM-Solver++(2M) SDE, 25 steps)
+  at the default FID guidance (2, within the model's guidance interval) and unguided;
+- pixel: the diffusers twin of Part B, class-conditional with label dropout 0.1 (the null class)
+  for classifier-free guidance, trained the diffusers way for the same seconds of training alone
+  (its sampling not counted; ours' final FID pass is), at the default run's stage-2 batch size, lr
+  and warm-up; sampled with diffusers' DPMSolverMultistepScheduler (sde-dpmsolver++, order 2,
+  25 steps) with CFG 2 at every step and unguided. No EMA for the pixel model (diffusers' default).
+Every row is scored on the same N, classifier features, precision/recall/density/coverage k=3.
+
     python bench/latent_vs_pixel.py --quick
     python bench/latent_vs_pixel.py [--autoencoder-ckpt PATH] [--budget 180] [--num-samples 300]
+    python bench/latent_vs_pixel.py --equal-time [--num-samples 300]      # part C only
 """
 
 from __future__ import annotations
@@ -257,9 +269,16 @@ def train_latent(
 
 
 def train_pixel_diffusers(
-    unet_kwargs: dict[str, Any], lr: float, warmup: int, datamodule: Any, args: Any
+    unet_kwargs: dict[str, Any],
+    lr: float,
+    warmup: int,
+    datamodule: Any,
+    args: Any,
+    cond_drop_prob: float = 0.0,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Pixel-space DDPM the diffusers way (examples/unconditional_image_generation loop)."""
+    """Pixel-space DDPM the diffusers way (examples/unconditional_image_generation loop); with
+    `cond_drop_prob` > 0 each label is replaced by the null class (`num_classes`) with that
+    probability, for classifier-free guidance."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
@@ -284,7 +303,11 @@ def train_pixel_diffusers(
                 0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],)
             ).long()
             noisy = noise_scheduler.add_noise(clean, noise, timesteps)  # (B, C, H, W)
-            noise_pred = model(noisy, timesteps, class_labels=batch["label"]).sample
+            labels = batch["label"]
+            if cond_drop_prob > 0:
+                drop = torch.rand(labels.shape) < cond_drop_prob
+                labels = torch.where(drop, unet_kwargs["num_classes"], labels)
+            noise_pred = model(noisy, timesteps, class_labels=labels).sample
             loss = F.mse_loss(noise_pred, noise)
             loss.backward()
             optimizer.step()
@@ -333,6 +356,144 @@ def sample_pixel_diffusers(
     return torch.cat(out), now() - start
 
 
+@torch.no_grad()
+def sample_pixel_guided(
+    model: Any,
+    noise_scheduler: Any,
+    labels: torch.Tensor,
+    guidance_scale: float,
+    args: Any,
+    image_shape: tuple[int, int, int],
+) -> tuple[torch.Tensor, float]:
+    """diffusers' DPM-Solver++(2M) SDE (DPMSolverMultistepScheduler, algorithm_type
+    "sde-dpmsolver++") at --sample-steps, with classifier-free guidance at `guidance_scale` on every
+    step (the null class is the last label); images (N, C, H, W) in [-1, 1] and seconds."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    null = model.config.num_class_embeds - 1
+    generator = torch.Generator().manual_seed(args.seed)
+    out = []
+    now = clock(args.clock)
+    start = now()
+    for i in range(0, len(labels), args.sample_batch):
+        scheduler = DPMSolverMultistepScheduler.from_config(
+            noise_scheduler.config, algorithm_type="sde-dpmsolver++", solver_order=2
+        )
+        scheduler.set_timesteps(args.sample_steps)
+        y = labels[i : i + args.sample_batch]
+        x = torch.randn((len(y), *image_shape), generator=generator)  # (b, C, H, W)
+        for t in scheduler.timesteps:
+            if guidance_scale == 1.0:
+                eps = model(x, t, class_labels=y).sample
+            else:
+                both = model(x.repeat(2, 1, 1, 1), t, class_labels=torch.cat([y, y * 0 + null]))
+                cond, uncond = both.sample.chunk(2)
+                eps = uncond + guidance_scale * (cond - uncond)
+            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+        out.append(x.clamp(-1, 1))
+    return torch.cat(out), now() - start
+
+
+def equal_time(args: Any, workdir: Path, machine: dict[str, Any]) -> None:
+    """Part C: the default run against a pixel model given the same seconds."""
+    from ldm.models.loading import load_latent_diffusion
+    from ldm.train import run
+
+    overrides = [
+        "logger=csv",
+        "callbacks.common.progress_bar=null",
+        "trainer.enable_progress_bar=false",
+        f"seed={args.seed}",
+    ]
+    if args.quick:  # a few batches of each stage: enough to verify the pipeline
+        overrides += [
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=10",
+            "+trainer.limit_val_batches=2",
+            "fid.every_n_epochs=0",
+        ]
+    cfg = compose_project_config(overrides, workdir / "default")
+    now = clock(args.clock)
+    start = now()
+    run(cfg)
+    ours_s = now() - start
+    print(f"default run: {ours_s:.0f} {args.clock}-s", flush=True)
+    ckpt = newest_checkpoint(Path(cfg.paths.output_dir), "diffusion")
+    model, _ = load_latent_diffusion(ckpt)
+
+    data_cfg = compose_project_config(
+        [f"data.batch_size={cfg.diffusion.data.batch_size}", f"seed={args.seed}"],
+        workdir / "pixel",
+    ).data
+    datamodule = instantiate(data_cfg)
+    datamodule.setup("fit")
+    classifier = OmegaConf.to_container(cfg.fid.classifier, resolve=True)
+    scorer = FIDScorer(datamodule, {**classifier, "epochs": 1} if args.quick else classifier)
+    labels = even_class_labels(args.num_samples, datamodule.num_classes)
+    guided = float(cfg.fid.guidance_scale)
+    sampler = model.configured_sampler(steps=args.sample_steps)
+    rows = []
+    for scale in (guided, 1.0):
+        images, seconds = sample_latent_model(
+            model, sampler, labels, args.sample_batch, args.seed, args.clock, scale
+        )
+        rows.append(
+            {
+                "model": f"ours: latent, default run (both stages), guidance {scale:g}"
+                + (f" in {model.hparams.get('guidance_interval')}" if scale != 1 else ""),
+                "train_s": ours_s,
+                "sample_s": seconds,
+                **scorer(images, labels),
+            }
+        )
+        print(rows[-1], flush=True)
+
+    image_shape = (datamodule.num_channels, datamodule.image_size, datamodule.image_size)
+    latent_unet = OmegaConf.to_container(cfg.model.diffusion.unet, resolve=True)
+    latent_unet.pop("_target_")
+    pixel_kwargs = pixel_unet_kwargs(latent_unet, image_shape[0])
+    warmup = cfg.model.diffusion.lr_scheduler.schedulers[0].total_iters
+    args.budget, args.batch_size = ours_s, cfg.diffusion.data.batch_size
+    pixel, noise_scheduler, info = train_pixel_diffusers(
+        pixel_kwargs,
+        cfg.model.diffusion.optimizer.lr,
+        warmup,
+        datamodule,
+        args,
+        cond_drop_prob=cfg.model.diffusion.cond_drop_prob,
+    )
+    print(f"pixel: {info}", flush=True)
+    for scale in (guided, 1.0):
+        images, seconds = sample_pixel_guided(
+            pixel, noise_scheduler, labels, scale, args, image_shape
+        )
+        rows.append(
+            {
+                "model": f"pixel: diffusers UNet2DModel + DDPMScheduler, guidance {scale:g}",
+                "train_s": info["train_s"],
+                "steps": info["steps"],
+                "params": info["params"],
+                "sample_s": seconds,
+                **scorer(images, labels),
+            }
+        )
+        print(rows[-1], flush=True)
+    rows.append(
+        {"model": "held-out real digits", **scorer.real_floor(datamodule, args.num_samples)}
+    )
+    columns = c_columns(args.clock)
+    payload = {
+        "machine": machine,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "default_run": {"seconds": ours_s, "checkpoint_params": num_params(model.unet)},
+        "rows": rows,
+        "fid": scorer.describe,
+        "table": format_table(rows, columns),
+    }
+    print(format_table(rows, columns))
+    print(f"wrote {write_results('latent_vs_pixel_equal_time', args.quick, payload, args.out)}")
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument(
@@ -359,6 +520,11 @@ def main() -> None:
         "(default .cache/bench/latent_vs_pixel[_quick].ckpt)",
     )
     parser.add_argument("--skip-fid", action="store_true", help="part A only")
+    parser.add_argument(
+        "--equal-time",
+        action="store_true",
+        help="part C only: the default run vs a pixel model trained for its time",
+    )
     args = parser.parse_args()
     setup_run(args)
     q = args.quick
@@ -370,6 +536,10 @@ def main() -> None:
     args.sample_steps = args.sample_steps or (10 if q else 25)
     args.save_ckpt = args.save_ckpt or CKPT_DIR / f"latent_vs_pixel{'_quick' if q else ''}.ckpt"
     machine = machine_info("cpu")
+    if args.equal_time:
+        with tempfile.TemporaryDirectory() as tmp:
+            equal_time(args, Path(tmp), machine)
+        return
 
     from ldm.models.loading import load_autoencoder
 
@@ -476,6 +646,24 @@ def a_columns(clock_name: str) -> list[tuple[str, str]]:
         ("train_img_s_with_encode", f"train {unit} incl. encode"),
         ("forward_img_s", f"forward {unit}"),
         ("sample_img_s", f"sample {unit}"),
+    ]
+
+
+def c_columns(clock_name: str) -> list[tuple[str, str]]:
+    unit = "s" if clock_name == "wall" else "CPU-s"
+    return [
+        ("model", "model"),
+        ("train_s", f"train {unit}"),
+        ("steps", "pixel steps"),
+        ("sample_s", f"sample {unit}"),
+        ("num_samples", "N"),
+        ("fid", "FID"),
+        ("kid", "KID"),
+        ("cas", "CAS"),
+        ("precision", "precision"),
+        ("recall", "recall"),
+        ("density", "density"),
+        ("coverage", "coverage"),
     ]
 
 

@@ -37,6 +37,7 @@ from ldm.data.folders import resolve_folder_labels
 from ldm.data.latent_cache import latent_cache_datamodule
 from ldm.models.loading import autoencoder_from_checkpoint, load_autoencoder
 from ldm.modules.text import fill_vocab
+from ldm.optim import build_lr_scheduler
 from ldm.utils.checkpoint import load_checkpoint
 from ldm.utils.errors import UserError, config_errors
 from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers
@@ -322,6 +323,10 @@ def stages_to_train(cfg: DictConfig) -> tuple[str, ...]:
     return STAGES if cfg.stage == "all" else (cfg.stage,)
 
 
+# a stand-in step budget for the preflight's lr scheduler build (a cosine's T_max=null needs one)
+PREFLIGHT_STEPS = 1000
+
+
 def preflight(cfg: DictConfig) -> None:
     """Every check either stage can fail, made before anything trains: the config itself
     (`validate_config`), the launch, the dirs, and a dry build, with untrained weights, of what
@@ -347,6 +352,14 @@ def preflight(cfg: DictConfig) -> None:
             model.configured_sampler()
             if OmegaConf.select(cfg, "fid.sampler_steps") is not None:
                 model.configured_sampler(steps=cfg.fid.sampler_steps)
+        with config_errors("model.diffusion optimizer / lr_scheduler"):
+            # built here, not only when stage 2 starts: `optimizer.lr=abc` must not cost a stage 1
+            lr = getattr(model.optimizer_factory, "keywords", {}).get("lr")
+            if isinstance(lr, bool) or not isinstance(lr, int | float | None):
+                raise UserError(f"model.diffusion.optimizer.lr={lr!r} must be a number")
+            optimizer = model.optimizer_factory(list(model.unet.parameters()))
+            if model.lr_scheduler_factory is not None:
+                build_lr_scheduler(model.lr_scheduler_factory, optimizer, PREFLIGHT_STEPS)
 
 
 def train_autoencoder(

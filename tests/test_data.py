@@ -16,6 +16,7 @@ from ldm.data import (
     TorchvisionSource,
     split_indices,
 )
+from ldm.utils.errors import UserError
 
 
 def make_dm(source, **kw) -> ImageDataModule:
@@ -146,7 +147,7 @@ def test_latents_source(tmp_path):
 
 def test_torchvision_missing_files_error(tmp_path):
     source = TorchvisionSource("mnist", root=str(tmp_path), image_size=32, download=False)
-    with pytest.raises(FileNotFoundError, match=r"data\.download=true"):
+    with pytest.raises(UserError, match=r"data\.download=true"):  # one line, exit 2 in train.py
         source.build()
     with pytest.raises(ValueError, match="name='svhn'"):
         TorchvisionSource("svhn", root=str(tmp_path), image_size=32)

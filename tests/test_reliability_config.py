@@ -92,6 +92,8 @@ def test_old_per_stage_spelling_names_the_new_key():
     for typed, new in [
         ("stage_trainer.diffusion.max_epochs=2", "diffusion.trainer.max_epochs"),
         ("+stage_data.autoencoder.batch_size=8", "autoencoder.data.batch_size"),
+        # not a key of conf/train.yaml's diffusion.trainer: added with a `+`, as the README says
+        ("stage_trainer.diffusion.gradient_clip_val=1", "+diffusion.trainer.gradient_clip_val"),
     ]:
         run = subprocess.run(
             [sys.executable, "train.py", typed, "--cfg", "job"],
@@ -119,6 +121,7 @@ def test_old_per_stage_spelling_names_the_new_key():
     ("overrides", "expected"),
     [
         (["stage=both"], "stage='both' is not one of all|autoencoder|diffusion"),
+        (["seed=abc"], "seed='abc' must be an integer"),
         (
             ["data=image_folder"],
             "data.root is required but not set: add data.root=VALUE to the command line",
@@ -197,6 +200,33 @@ def test_old_per_stage_spelling_names_the_new_key():
 )
 def test_bad_settings_are_named(tmp_path, overrides, expected):
     assert refused(overrides, tmp_path) == expected
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "trainer.max_epochs=abc",
+            "autoencoder.trainer.max_epochs (or trainer.max_epochs)='abc' must be an integer",
+        ),
+        (
+            "trainer.limit_val_batches=some",
+            "autoencoder.trainer.limit_val_batches (or trainer.limit_val_batches)='some' must be "
+            "a number",
+        ),
+        # stage 2's optimizer is built before stage 1 trains, not when stage 2 starts
+        ("model.diffusion.optimizer.lr=abc", "model.diffusion.optimizer.lr='abc' must be a number"),
+        (
+            "model.diffusion.optimizer.weight_decay=-1",
+            "model.diffusion optimizer / lr_scheduler: Invalid weight_decay value: -1",
+        ),
+    ],
+)
+def test_preflight_names_bad_trainer_and_optimizer_values(tmp_path, override, expected):
+    cfg = compose_config(["debug=fast", "model/diffusion=small", override], tmp_path)
+    with pytest.raises(UserError) as err:
+        preflight(cfg)
+    assert str(err.value) == expected
 
 
 def test_stage1_checkpoint_of_another_image_size_or_channel_count(tmp_path, stored_config):

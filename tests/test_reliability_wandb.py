@@ -100,6 +100,18 @@ def test_unreachable_server_means_offline_logging_with_one_warning(
     assert f"wandb sync {tmp_path / 'run'}/wandb/offline-run-*" in warnings[0]
 
 
+def test_require_online_without_credentials_fails_instead_of_going_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(inst, "wandb_logged_in", lambda: False)
+    cfg = compose_config(["logger=wandb"], tmp_path)
+    assert inst.wandb_offline(cfg.logger.wandb)  # without require_online: offline, as before
+    cfg = compose_config(["logger=wandb", "logger.wandb.require_online=true"], tmp_path)
+    with pytest.raises(UserError, match="require_online=true but no W&B credentials") as err:
+        inst.wandb_offline(cfg.logger.wandb)
+    assert "\n" not in str(err.value)
+
+
 def test_require_online_fails_in_one_line(no_network_wandb, tmp_path, server, monkeypatch):
     cfg = compose_config(["logger=wandb", "logger.wandb.require_online=true"], tmp_path)
     with pytest.raises(UserError, match="require_online=true but W&B is not usable: cannot reach"):

@@ -219,7 +219,7 @@ class TorchvisionSource(Source):
         try:
             base = cls(root=str(self.root), train=True, download=self.download)
         except RuntimeError as err:  # torchvision raises RuntimeError("Dataset not found...")
-            raise FileNotFoundError(
+            raise UserError(
                 f"{cls_name} files not found under data.root={str(self.root)!r}; put the "
                 f"torchvision {cls_name} files there or pass data.download=true"
             ) from err

@@ -240,7 +240,8 @@ def find_inception_weights(weights_path: str | Path | None = None) -> Path:
         f"FID Inception weights not found: need {INCEPTION_FILE_NAMES[0]} "
         f"(pytorch-fid's port of the TF FID Inception; torch-fidelity's {INCEPTION_FILE_NAMES[1]} "
         f"also works); looked in: {', '.join(str(p) for p in candidates)}; "
-        "put the file there or pass fid.inception_weights=PATH"
+        "put the file there or pass fid.inception_weights=PATH "
+        "(sample.py: metrics.inception_weights=PATH)"
     )
 
 

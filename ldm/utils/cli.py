@@ -52,6 +52,13 @@ RENAMED_PREFIXES = {
     "stage_data.autoencoder.": "autoencoder.data.",
     "stage_data.diffusion.": "diffusion.data.",
 }
+# The keys conf/train.yaml's stage sections hold; any other key there is added with a `+`.
+STAGE_SECTION_KEYS = {
+    "autoencoder.trainer.": ("max_epochs", "max_steps", "gradient_clip_val"),
+    "diffusion.trainer.": ("max_epochs", "max_steps"),
+    "autoencoder.data.": ("batch_size",),
+    "diffusion.data.": ("batch_size",),
+}
 # Whole keys that were replaced by another setting.
 REPLACED_KEYS = {
     "model.autoencoder.lr_schedule": "model.autoencoder.lr_scheduler (a torch scheduler config; "
@@ -66,7 +73,9 @@ def check_renamed_keys(argv: list[str]) -> None:
         key = arg.split("=", 1)[0].lstrip("+~")
         for old, new in RENAMED_PREFIXES.items():
             if key.startswith(old):
-                raise UserError(f"{key} was renamed: use {new}{key[len(old) :]}")
+                rest = key[len(old) :]
+                plus = "" if rest in STAGE_SECTION_KEYS[new] else "+"
+                raise UserError(f"{key} was renamed: use {plus}{new}{rest}")
         if key in REPLACED_KEYS:
             raise UserError(f"{key} was replaced: use {REPLACED_KEYS[key]}")
         if key in ("stage_trainer", "stage_data") or key.startswith(

@@ -142,6 +142,11 @@ def wandb_offline(lg_conf: DictConfig) -> bool:
     if offline or os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
         return True
     if offline is None and not wandb_logged_in():
+        if lg_conf.get("require_online"):
+            raise UserError(
+                "logger.wandb.require_online=true but no W&B credentials were found; run "
+                "`wandb login` or set WANDB_API_KEY, or set require_online=false"
+            )
         return True
     timeout = float(lg_conf.get("init_timeout") or 5)
     reason = online_or_reason(timeout)

@@ -125,6 +125,9 @@ def check_resolvable(cfg: DictConfig) -> None:
 
 
 def check_run_keys(cfg: DictConfig) -> None:
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"seed={seed!r} must be an integer")
     ckpt_path, ae_ckpt = cfg.get("ckpt_path"), cfg.get("autoencoder_ckpt")
     if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():
         raise UserError(
@@ -232,6 +235,38 @@ def check_autoencoder_stage_trainer(cfg: DictConfig) -> None:
         )
 
 
+# Trainer arguments that are counts or fractions: a string there fails deep inside Lightning, once
+# the stage has started; checked before anything trains instead.
+TRAINER_NUMBERS = {
+    **dict.fromkeys(
+        (
+            "max_epochs",
+            "min_epochs",
+            "max_steps",
+            "min_steps",
+            "check_val_every_n_epoch",
+            "log_every_n_steps",
+            "accumulate_grad_batches",
+            "num_nodes",
+            "num_sanity_val_steps",
+        ),
+        (int,),
+    ),
+    **dict.fromkeys(
+        (
+            "limit_train_batches",
+            "limit_val_batches",
+            "limit_test_batches",
+            "limit_predict_batches",
+            "val_check_interval",
+            "gradient_clip_val",
+            "overfit_batches",
+        ),
+        (int, float),
+    ),
+}
+
+
 def check_trainer_arguments(trainer_cfg: dict[str, Any], stage: str) -> None:
     """Every key of a stage's merged trainer config is a Trainer argument (or ours:
     auto_requeue)."""
@@ -246,6 +281,14 @@ def check_trainer_arguments(trainer_cfg: dict[str, Any], stage: str) -> None:
                 f"{stage}.trainer.{key} (or trainer.{key}) is not an argument of "
                 "pytorch_lightning.Trainer; check the spelling"
             )
+        value, kinds = trainer_cfg[key], TRAINER_NUMBERS.get(key)
+        if (
+            kinds
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, kinds))
+        ):
+            what = "an integer" if kinds == (int,) else "a number"
+            raise UserError(f"{stage}.trainer.{key} (or trainer.{key})={value!r} must be {what}")
 
 
 def check_unet(cfg: DictConfig, autoencoder: dict[str, Any]) -> None:

@@ -56,7 +56,10 @@ class SampleConfig:
     # an int: every sample; a list: sample i gets list[i mod len] (num_samples entries: per sample).
     # A class name (a class folder of data.labels=folders, stored in the checkpoint) works too.
     class_label: Any = None
-    guidance_scale: float = 1.0  # classifier-free guidance: uncond + s * (cond - uncond); 1 = off
+    # classifier-free guidance: uncond + s * (cond - uncond); 1 = off. null: the model's own
+    # (model.diffusion.val_guidance_scale: its training grids' and FID's; 2 for the default model)
+    # where there is a condition to guide towards (labels, prompts, an img2img class_label), else 1
+    guidance_scale: float | None = None
     # Text-conditioned models only: one prompt for every sample, or a file of prompts (one a line,
     # blank lines skipped) splitting num_samples into equal blocks, one grid row per prompt.
     prompt: str | None = None
@@ -136,7 +139,7 @@ def check_settings(cfg: DictConfig) -> None:
         device.startswith("cuda:") and device[5:].isdigit()
     ):
         raise UserError(f"device={device!r} is not one of auto, cpu, cuda, cuda:N")
-    if not math.isfinite(cfg.guidance_scale):
+    if cfg.guidance_scale is not None and not math.isfinite(cfg.guidance_scale):
         raise UserError(f"guidance_scale={cfg.guidance_scale} must be a finite number")
 
     label = _plain(cfg.class_label)
@@ -345,6 +348,21 @@ def conditioning_inputs(
     return {} if labels is None else {"class_labels": labels}
 
 
+def default_guidance_scale(cfg: DictConfig, model: Any, job: dict[str, Any] | None) -> float:
+    """`guidance_scale=null`: the model's `val_guidance_scale` (what its training grids and FID
+    used, so `sample.py ckpt=PATH` gives what training showed) where the samples are conditioned:
+    a class-conditional model (asked labels or the even spread), a text model given prompts (or
+    text_metrics), an image-to-image model given class_label; 1 where there is nothing to guide
+    towards (unconditional sampling, img2img without a label)."""
+    if job is not None and job["mode"] != "sdedit":
+        conditioned = _plain(cfg.class_label) is not None
+    elif getattr(model, "takes_prompts", False):
+        conditioned = read_prompts(cfg) is not None or bool(cfg.text_metrics)
+    else:
+        conditioned = bool(getattr(model, "takes_labels", False))
+    return float(model.hparams.get("val_guidance_scale") or 1.0) if conditioned else 1.0
+
+
 def effective_guidance(cfg: DictConfig, model: Any) -> dict[str, Any]:
     """The guidance interval and rescale sampling will use (cfg's, else the model's), checked."""
     from ldm.diffusion.samplers import check_guidance
@@ -533,6 +551,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(ckpt_path, expected_stage="diffusion")
     model = latent_diffusion_from_checkpoint(ckpt, ckpt_path, use_ema=cfg.use_ema).to(device)
     job = img2img.prepare(cfg, model, ckpt["ldm"]["config"])  # None: plain sampling
+    if cfg.guidance_scale is None:
+        cfg.guidance_scale = default_guidance_scale(cfg, model, job)
     if job is not None:
         cfg.num_samples = len(job["files"])  # one output per input
     class_names = checkpoint_class_names(ckpt)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import pytest
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from ldm.models.loading import load_latent_diffusion
-from ldm.sample import SampleConfig, resolve_labels, run
+from ldm.sample import SampleConfig, default_guidance_scale, resolve_labels, run
 from ldm.train import run as train_run
 from ldm.utils.checkpoint import file_sha256
 from ldm.utils.errors import UserError
@@ -204,6 +205,34 @@ def test_resolve_labels():
         resolve_labels(3, 3, None, 1.0)
     with pytest.raises(UserError, match=r"guidance_scale=2\.0 needs a class-conditional model"):
         resolve_labels(None, 3, None, 2.0)
+
+
+def test_default_guidance_is_the_models_own_where_there_is_a_condition(checkpoints, tmp_path):
+    """`sample.py ckpt=PATH` samples as the model's training grids and FID did (its
+    val_guidance_scale, 2 for the default model), not unguided."""
+    ckpt = torch.load(checkpoints["conditioned"], weights_only=True)
+    ckpt["ldm"]["config"]["model"]["diffusion"]["val_guidance_scale"] = 3.0
+    path = tmp_path / "g3_model.ckpt"
+    torch.save(ckpt, path)
+    default = run(sample_cfg(tmp_path, path, out="default"))
+    explicit = run(sample_cfg(tmp_path, path, "guidance_scale=3", out="explicit"))
+    assert default["guidance_scale"] == explicit["guidance_scale"] == 3.0
+    assert png_bytes(tmp_path / "default") == png_bytes(tmp_path / "explicit")
+    assert run(sample_cfg(tmp_path, path, "guidance_scale=1", out="g1"))["guidance_scale"] == 1.0
+    # nothing to guide towards: unconditional sampling, a text model without prompts, img2img
+    # without a class label
+    cfg = sample_cfg(tmp_path, path, out="unused")
+    hparams = {"val_guidance_scale": 3.0}
+    for model in (
+        SimpleNamespace(takes_labels=False, takes_prompts=False, hparams=hparams),
+        SimpleNamespace(takes_labels=False, takes_prompts=True, hparams=hparams),
+    ):
+        assert default_guidance_scale(cfg, model, None) == 1.0
+    labeled = SimpleNamespace(takes_labels=True, takes_prompts=False, hparams=hparams)
+    assert default_guidance_scale(cfg, labeled, {"mode": "inpaint"}) == 1.0
+    with open_dict(cfg):
+        cfg.class_label = 7
+    assert default_guidance_scale(cfg, labeled, {"mode": "inpaint"}) == 3.0
 
 
 def test_save_png_values(tmp_path):

@@ -20,9 +20,8 @@ from tests.test_latent_diffusion import make_autoencoder, make_model, tiny_cfg
 CHANGES = {
     "default": set(),
     "v_prediction": {"schedule.prediction_type", "model.diffusion.schedule.prediction_type"},
-    "min_snr": {"model.diffusion.loss_weighting"},
+    "uniform_loss": {"model.diffusion.loss_weighting"},
     "cosine_lr": {"model.diffusion.lr_scheduler.schedulers.1"},
-    "ema_short": {"callbacks.diffusion.ema.multi_avg_fn.decay"},
 }
 STEPS = 1750  # the default run's stage 2: 25 epochs of 70 batches
 

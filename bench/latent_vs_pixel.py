@@ -83,6 +83,15 @@ from ldm.modules.unet import UNet
 CKPT_DIR = ROOT / ".cache" / "bench"
 
 
+def warmup_steps(lr_scheduler: Any) -> int:
+    """The linear warm-up length of stage 2's lr scheduler config (a LinearLR alone or first in a
+    SequentialLR; 0 for none), which the pixel model gets too."""
+    if not lr_scheduler:
+        return 0
+    first = lr_scheduler.schedulers[0] if "schedulers" in lr_scheduler else lr_scheduler
+    return int(first.get("total_iters", 0))
+
+
 def pixel_unet_kwargs(latent_kwargs: dict[str, Any], image_channels: int) -> dict[str, Any]:
     """The latent preset with pixel channels, one more level and attention at its lowest level."""
     mult = list(latent_kwargs["channel_mult"])
@@ -452,7 +461,7 @@ def equal_time(args: Any, workdir: Path, machine: dict[str, Any]) -> None:
     latent_unet = OmegaConf.to_container(cfg.model.diffusion.unet, resolve=True)
     latent_unet.pop("_target_")
     pixel_kwargs = pixel_unet_kwargs(latent_unet, image_shape[0])
-    warmup = cfg.model.diffusion.lr_scheduler.schedulers[0].total_iters
+    warmup = warmup_steps(cfg.model.diffusion.lr_scheduler)
     args.budget, args.batch_size = ours_s, cfg.diffusion.data.batch_size
     pixel, noise_scheduler, info = train_pixel_diffusers(
         pixel_kwargs,
@@ -591,11 +600,7 @@ def main() -> None:
                 latent_model, sampler, labels, args.sample_batch, args.seed, args.clock
             )
             latent_info.update(sample_s=seconds, **scorer(images, labels))
-            warmup = (
-                cfg.model.diffusion.lr_scheduler.total_iters
-                if cfg.model.diffusion.lr_scheduler
-                else 0
-            )
+            warmup = warmup_steps(cfg.model.diffusion.lr_scheduler)
             pixel_model, noise_scheduler, pixel_info = train_pixel_diffusers(
                 pixel_unet_kwargs(latent_kwargs, image_shape[0]),
                 optimizer_cfg["lr"],

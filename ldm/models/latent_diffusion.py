@@ -506,7 +506,10 @@ class LatentDiffusion(pl.LightningModule):
         optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
-        total = self.trainer.estimated_stepping_batches  # training batches (inf without a budget)
+        # training batches (inf without a budget, or outside a Trainer: only a cosine with
+        # T_max=null needs the number, and says so)
+        trainer = self._trainer
+        total = trainer.estimated_stepping_batches if trainer is not None else math.inf
         total = max(1, int(total)) if math.isfinite(total) else total
         scheduler = build_lr_scheduler(self.lr_scheduler_factory, optimizer, total)
         return {

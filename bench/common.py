@@ -542,7 +542,9 @@ class FIDScorer:
             classifier=self.classifier,
             real_cache=self.real_cache,
         )
-        keys = ("fid", "kid", "cas", "precision", "recall", "density", "coverage", "num_samples")
+        from ldm.metrics.nfe_sweep import SCORE_COLUMNS
+
+        keys = [key for key, _ in SCORE_COLUMNS] + ["num_samples"]
         return {k: scores[k] for k in keys if k in scores}
 
     def real_floor(self, datamodule: Any, n: int) -> dict[str, float]:

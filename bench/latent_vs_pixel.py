@@ -77,6 +77,7 @@ from common import (
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ldm.metrics.nfe_sweep import SCORE_COLUMNS
 from ldm.modules.conditioning import even_class_labels
 from ldm.modules.unet import UNet
 
@@ -662,13 +663,7 @@ def c_columns(clock_name: str) -> list[tuple[str, str]]:
         ("steps", "pixel steps"),
         ("sample_s", f"sample {unit}"),
         ("num_samples", "N"),
-        ("fid", "FID"),
-        ("kid", "KID"),
-        ("cas", "CAS"),
-        ("precision", "precision"),
-        ("recall", "recall"),
-        ("density", "density"),
-        ("coverage", "coverage"),
+        *SCORE_COLUMNS,
     ]
 
 

@@ -21,9 +21,8 @@ from ldm.utils.tables import format_table
 
 # generate(sampler, progress description) -> (images (N, C, H, W) in [-1, 1], seconds)
 Generate = Callable[[Any, str], tuple[torch.Tensor, float]]
-TABLE_COLUMNS = [
-    ("steps", "steps"),
-    ("nfe", "NFE"),
+# the sample scores of every table (key, header): fidelity and diversity side by side
+SCORE_COLUMNS = [
     ("fid", "FID"),
     ("kid", "KID"),
     ("cas", "CAS"),
@@ -31,6 +30,11 @@ TABLE_COLUMNS = [
     ("recall", "recall"),
     ("density", "density"),
     ("coverage", "coverage"),
+]
+TABLE_COLUMNS = [
+    ("steps", "steps"),
+    ("nfe", "NFE"),
+    *SCORE_COLUMNS,
     ("seconds", "seconds"),
     ("images_per_second", "img/s"),
 ]

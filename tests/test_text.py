@@ -113,6 +113,43 @@ def test_measured_attributes_follow_the_augmentation(captioned):
 
 
 # ------------------------------------------------------------------------------ end to end
+def test_swap_pairs_shows_a_two_digit_item_in_the_other_order_with_the_relation_flipped(captioned):
+    from torch.utils.data import Subset
+
+    from ldm.data.captions import SwapPairs
+
+    pairs = (captioned.second >= 0).nonzero()[:, 0].tolist()
+    single = (captioned.second < 0).nonzero()[0, 0].item()
+    view = SwapPairs(Subset(captioned, [pairs[0], single, pairs[1]]))
+    torch.manual_seed(0)
+    seen = {}
+    for _ in range(40):
+        item = view[0]
+        seen[item["caption"]] = item
+        assert view[1]["caption"] == captioned.captions[single]  # singles are never changed
+        assert torch.equal(view[1]["image"], captioned.images[single])
+    assert len(seen) == 2  # both orders occur
+    original = captioned.captions[pairs[0]]
+    kept, swapped = seen.pop(original), next(iter(seen.values()))
+    assert torch.equal(kept["image"], captioned.images[pairs[0]])
+    left, right = captioned.images[pairs[0]].chunk(2, dim=-1)
+    assert torch.equal(swapped["image"], torch.cat([right, left], dim=-1))
+    assert swapped["label"] == captioned.second[pairs[0]]
+    relation = {" left of ": " right of ", " right of ": " left of "}
+    word = next(w for w in relation if w in original)
+    assert swapped["caption"] == original.replace(word, relation[word])
+    # the data module swaps training batches only, and only when asked
+    from ldm.data import ImageDataModule, MNIST5kCaptions
+
+    for swap in (True, False):
+        source = MNIST5kCaptions(swap_pairs=swap)
+        source.build = lambda: captioned
+        dm = ImageDataModule(source, "mnist5k_captions", 32, 1, 10, batch_size=8)
+        dm.setup("fit")
+        assert isinstance(dm.train_dataloader().dataset, SwapPairs) is swap
+        assert dm.val_dataloader().dataset is dm.val_dataset
+
+
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("text_run")
@@ -281,6 +318,34 @@ def test_text_scores_follow_the_prompts_and_the_shuffled_control_is_at_chance(ca
     assert out["seen_attribute/attribute_acc"] == 1.0 == out["heldout_combo/attribute_acc"]
     assert out["shuffled/digit_acc"] < 0.3 and out["shuffled/attribute_acc"] < 0.6
     assert out["N"] == len(prompts) * per
+
+
+class InkClassifier(torch.nn.Module):
+    """Stands in for ClassifierFeatures: reads digit k from an image whose ink covers k + 1 columns."""
+
+    def prepare(self, x):
+        return x
+
+    def classifier(self, x):
+        columns = (x > 0.5).flatten(2).sum(-1)[:, 0] // 16  # ink pixels / 16 rows of ink
+        return torch.nn.functional.one_hot((columns - 1).clamp(0, 9), 10).float()
+
+
+def test_composition_scores_tell_the_right_order_from_the_swapped_one():
+    from ldm.metrics.text import Prompt, score
+
+    def pair(left: int, right: int) -> torch.Tensor:
+        image = torch.full((1, 32, 32), -1.0)
+        image[:, 8:24, 0 : left + 1] = 1.0
+        image[:, 8:24, 16 : 17 + right] = 1.0
+        return image
+
+    prompts = [Prompt("a 1 left of a 4", "composition", 1, second=4)]
+    # 2 samples in the asked order, 1 swapped, 1 with a wrong digit
+    images = torch.stack([pair(1, 4), pair(1, 4), pair(4, 1), pair(1, 5)])
+    out = score(prompts, images, 4, InkClassifier(), torch.zeros(3, 2))
+    assert out["composition/both_digits_acc"] == 0.5
+    assert out["composition/swapped_order_acc"] == 0.25
 
 
 # ------------------------------------------------------------------------------ own captions

@@ -136,10 +136,14 @@ def score(
         out[f"{g}/n"] = int(m.sum())
         if g == "composition":
             left, right = halves(images[m])
-            both = (predict_digits(classifier, left) == digit[m]) & (
-                predict_digits(classifier, right) == second[m]
+            read_left, read_right = predict_digits(classifier, left), predict_digits(
+                classifier, right
             )
+            both = (read_left == digit[m]) & (read_right == second[m])
             out[f"{g}/both_digits_acc"] = both.float().mean().item()
+            # the two named digits in the wrong order: tells "ignores left/right" from "wrong digits"
+            swapped = (read_left == second[m]) & (read_right == digit[m])
+            out[f"{g}/swapped_order_acc"] = swapped.float().mean().item()
             continue
         out[f"{g}/digit_acc"] = (pred[m] == digit[m]).float().mean().item()
         if g in ("seen_attribute", "heldout_combo"):
@@ -202,6 +206,7 @@ def summary_line(result: dict[str, Any]) -> str:
         ("seen_attribute/attribute_acc", "attribute seen"),
         ("heldout_combo/attribute_acc", "attribute held-out combo"),
         ("composition/both_digits_acc", "two digits"),
+        ("composition/swapped_order_acc", "two digits swapped"),
         ("shuffled/digit_acc", "shuffled digit"),
         ("shuffled/attribute_acc", "shuffled attribute"),
     ]

@@ -321,7 +321,7 @@ def test_text_scores_follow_the_prompts_and_the_shuffled_control_is_at_chance(ca
 
 
 class InkClassifier(torch.nn.Module):
-    """Stands in for ClassifierFeatures: reads digit k from an image whose ink covers k + 1 columns."""
+    """Stands in for ClassifierFeatures: reads digit k where the ink covers k + 1 columns."""
 
     def prepare(self, x):
         return x

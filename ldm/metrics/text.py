@@ -136,12 +136,11 @@ def score(
         out[f"{g}/n"] = int(m.sum())
         if g == "composition":
             left, right = halves(images[m])
-            read_left, read_right = predict_digits(classifier, left), predict_digits(
-                classifier, right
-            )
+            read_left = predict_digits(classifier, left)
+            read_right = predict_digits(classifier, right)
             both = (read_left == digit[m]) & (read_right == second[m])
             out[f"{g}/both_digits_acc"] = both.float().mean().item()
-            # the two named digits in the wrong order: tells "ignores left/right" from "wrong digits"
+            # both named digits, wrong order: "ignores left/right", not "wrong digits"
             swapped = (read_left == second[m]) & (read_right == digit[m])
             out[f"{g}/swapped_order_acc"] = swapped.float().mean().item()
             continue

@@ -229,6 +229,20 @@ def test_preflight_names_bad_trainer_and_optimizer_values(tmp_path, override, ex
     assert str(err.value) == expected
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+@pytest.mark.parametrize("overrides", [["debug=fast", "trainer.accelerator=gpu"], ["trainer=gpu"]])
+def test_a_gpu_accelerator_on_a_machine_without_one_is_refused_before_anything_trains(
+    tmp_path, overrides
+):
+    cfg = compose_config(overrides, tmp_path)
+    with pytest.raises(UserError) as err:
+        preflight(cfg)
+    assert str(err.value) == (
+        "autoencoder.trainer.accelerator (or trainer.accelerator)='gpu' but torch sees no CUDA "
+        "GPU here; use trainer.accelerator=auto (or cpu)"
+    )
+
+
 def test_stage1_checkpoint_of_another_image_size_or_channel_count(tmp_path, stored_config):
     other = stage1_checkpoint(tmp_path, stored_config, {"data.image_size": 64})
     message = refused(["stage=diffusion", f"autoencoder_ckpt={other}"], tmp_path)

@@ -289,6 +289,15 @@ def check_trainer_arguments(trainer_cfg: dict[str, Any], stage: str) -> None:
         ):
             what = "an integer" if kinds == (int,) else "a number"
             raise UserError(f"{stage}.trainer.{key} (or trainer.{key})={value!r} must be {what}")
+    accelerator = trainer_cfg.get("accelerator")
+    if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # else Lightning fails later, with a traceback
+            raise UserError(
+                f"{stage}.trainer.accelerator (or trainer.accelerator)={accelerator!r} but torch "
+                "sees no CUDA GPU here; use trainer.accelerator=auto (or cpu)"
+            )
 
 
 def check_unet(cfg: DictConfig, autoencoder: dict[str, Any]) -> None:

@@ -514,6 +514,7 @@ def write_json(obj: Any, path: Path) -> None:
 
 def build_text_evaluation(ckpt: Any, path: Path, metrics_cfg: DictConfig, model: Any) -> tuple:
     """(classifier, held-out choices, attribute thresholds) for `text_metrics=true`."""
+    from ldm.metrics.sample_scores import stored_data_config
     from ldm.metrics.text import text_eval_inputs
     from ldm.utils.instantiate import safe_instantiate
 
@@ -522,7 +523,7 @@ def build_text_evaluation(ckpt: Any, path: Path, metrics_cfg: DictConfig, model:
             f"text_metrics=true needs a text-conditioned model; this one is "
             f"{model.conditioning_name()}"
         )
-    data_cfg = ckpt["ldm"]["config"].get("data")
+    data_cfg = stored_data_config(ckpt, path, "text_metrics needs")
     try:
         datamodule = safe_instantiate(data_cfg, where=f"checkpoint {str(path)!r} (data)")
         return text_eval_inputs(datamodule, metrics_cfg)

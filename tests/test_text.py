@@ -196,6 +196,34 @@ def test_debug_fast_text_run_restores_tokenizer_and_samples_prompts(text_run, tm
     assert saved["prompts"] == record["prompts"] and (tmp_path / "out" / "grid.png").is_file()
 
 
+def test_sample_text_metrics_on_a_checkpoint_whose_batch_size_is_set_per_stage(text_run, tmp_path):
+    """The presets leave data.batch_size null (each stage sets its own): sample.py must read the
+    data config as stage 2 had it, as fid=true does."""
+    from ldm.utils.checkpoint import load_checkpoint
+
+    _, ckpt = text_run
+    stored = load_checkpoint(ckpt)
+    config = stored["ldm"]["config"]
+    config["diffusion"]["data"] = {**(config["diffusion"].get("data") or {}), "batch_size": 16}
+    config["data"]["batch_size"] = None
+    per_stage = tmp_path / "per_stage.ckpt"
+    torch.save(stored, per_stage)
+    cfg = sample_cfg(
+        tmp_path,
+        per_stage,
+        "text_metrics=true",
+        "text_metrics_per_prompt=1",
+        "metrics.classifier.epochs=1",
+        f"metrics.cache_dir={tmp_path / 'cache'}",
+    )
+    record = sample_run(cfg)
+    result = json.loads((tmp_path / "out" / "text_metrics.json").read_text())
+    assert result == record["text_metrics"]
+    assert result["composition/n"] == 20 and result["per_prompt"] == 1
+    both, swapped = result["composition/both_digits_acc"], result["composition/swapped_order_acc"]
+    assert 0.0 <= both + swapped <= 1.0
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -62,22 +62,29 @@ class Evaluator:
         }
 
 
+def stored_data_config(ckpt: Mapping[str, Any], path: Path, needed_by: str) -> Mapping:
+    """The data config stage 2 of checkpoint `ckpt` trained on: the shared `data` refined by
+    `diffusion.data` (e.g. its batch size, where `data.batch_size` is null). `needed_by`: "<what>
+    need(s)", for the error."""
+    from ldm.config import stage_section
+
+    stored = ckpt["ldm"]["config"]
+    data_cfg = None
+    if isinstance(stored.get("data"), Mapping):
+        data_cfg = stage_section(OmegaConf.create(stored), "diffusion", "data")
+    if not isinstance(data_cfg, Mapping):
+        raise UserError(f"checkpoint {str(path)!r} stores no data config; {needed_by} the dataset")
+    return data_cfg
+
+
 def build_evaluator(
     ckpt: Mapping[str, Any], path: Path, metrics_cfg: DictConfig, device: torch.device
 ) -> Evaluator:
     """The Evaluator of checkpoint `ckpt` (read from `path`) with the `fid` group's settings."""
-    from ldm.config import stage_section
     from ldm.metrics.fid import build_extractor, evaluation_transform, real_features_path
     from ldm.utils.instantiate import safe_instantiate
 
-    stored = ckpt["ldm"]["config"]
-    data_cfg = None
-    if isinstance(stored.get("data"), Mapping):  # shared `data` refined by `diffusion.data`
-        data_cfg = stage_section(OmegaConf.create(stored), "diffusion", "data")
-    if not isinstance(data_cfg, Mapping):
-        raise UserError(
-            f"checkpoint {str(path)!r} stores no data config; fid/nfe_sweep need the dataset"
-        )
+    data_cfg = stored_data_config(ckpt, path, "fid/nfe_sweep need")
     if data_cfg.get("modality") == "audio" and metrics_cfg.extractor not in ("classifier", "auto"):
         raise UserError(
             f"fid@metrics={metrics_cfg.extractor} is for images; checkpoint {str(path)!r} makes "

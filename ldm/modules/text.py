@@ -152,11 +152,6 @@ class TextConditioner(Conditioner):
         self.tokenizer = CaptionTokenizer(vocab, max_length)
         self.context_dim = dim
         self.token_embed = nn.Embedding(len(self.tokenizer), dim)
-        # Tokens and positions on one scale (BERT/GPT-2: std 0.02 both). nn.Embedding's N(0, 1)
-        # made the token 50x the position, so after the first LayerNorm the encoder barely saw
-        # word order: "a 1 left of a 4" and "a 4 left of a 1" gave the same set of vectors, and
-        # cross-attention (order-free over the context) could not tell which digit goes left.
-        nn.init.normal_(self.token_embed.weight, std=0.02)
         self.pos_embed = nn.Parameter(torch.randn(max_length, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
             dim, num_heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True

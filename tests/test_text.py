@@ -113,43 +113,6 @@ def test_measured_attributes_follow_the_augmentation(captioned):
 
 
 # ------------------------------------------------------------------------------ end to end
-def test_swap_pairs_shows_a_two_digit_item_in_the_other_order_with_the_relation_flipped(captioned):
-    from torch.utils.data import Subset
-
-    from ldm.data.captions import SwapPairs
-
-    pairs = (captioned.second >= 0).nonzero()[:, 0].tolist()
-    single = (captioned.second < 0).nonzero()[0, 0].item()
-    view = SwapPairs(Subset(captioned, [pairs[0], single, pairs[1]]))
-    torch.manual_seed(0)
-    seen = {}
-    for _ in range(40):
-        item = view[0]
-        seen[item["caption"]] = item
-        assert view[1]["caption"] == captioned.captions[single]  # singles are never changed
-        assert torch.equal(view[1]["image"], captioned.images[single])
-    assert len(seen) == 2  # both orders occur
-    original = captioned.captions[pairs[0]]
-    kept, swapped = seen.pop(original), next(iter(seen.values()))
-    assert torch.equal(kept["image"], captioned.images[pairs[0]])
-    left, right = captioned.images[pairs[0]].chunk(2, dim=-1)
-    assert torch.equal(swapped["image"], torch.cat([right, left], dim=-1))
-    assert swapped["label"] == captioned.second[pairs[0]]
-    relation = {" left of ": " right of ", " right of ": " left of "}
-    word = next(w for w in relation if w in original)
-    assert swapped["caption"] == original.replace(word, relation[word])
-    # the data module swaps training batches only, and only when asked
-    from ldm.data import ImageDataModule, MNIST5kCaptions
-
-    for swap in (True, False):
-        source = MNIST5kCaptions(swap_pairs=swap)
-        source.build = lambda: captioned
-        dm = ImageDataModule(source, "mnist5k_captions", 32, 1, 10, batch_size=8)
-        dm.setup("fit")
-        assert isinstance(dm.train_dataloader().dataset, SwapPairs) is swap
-        assert dm.val_dataloader().dataset is dm.val_dataset
-
-
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("text_run")

@@ -151,43 +151,6 @@ class CaptionedDataset(Dataset):
         }
 
 
-class SwapPairs(Dataset):
-    """Training view of captioned MNIST (`data.source.swap_pairs=true`): with probability 1/2 a
-    two-digit item is mirrored as a layout, its halves swapped and its relation word flipped ("a 3
-    left of a 7" over "3 7" becomes "a 3 right of a 7" over "7 3"), the digit-preserving form of
-    the usual "flip the image, swap left/right in the caption". Each caption then comes with the
-    same digits in both orders, and only the relation word tells them apart. Randomness comes from
-    torch's RNG of the process (DataLoader workers are seeded per epoch by the resumable loader);
-    the FID reals and the validation split are never swapped."""
-
-    def __init__(self, dataset: Dataset):
-        if isinstance(dataset, torch.utils.data.Subset):
-            self.base, self.indices = dataset.dataset, list(dataset.indices)
-        else:
-            self.base, self.indices = dataset, list(range(len(dataset)))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict:
-        i = self.indices[index]
-        item = self.base[i]
-        second = int(self.base.second[i])
-        if second < 0 or not bool(torch.rand(()) < 0.5):
-            return item
-        caption = item["caption"]  # "<a> left of <b>" or "<b> right of <a>" (`build`)
-        flipped = (
-            caption.replace(" left of ", " right of ")
-            if " left of " in caption
-            else caption.replace(" right of ", " left of ")
-        )
-        return {
-            "image": item["image"].roll(CANVAS // 2, dims=-1),  # the halves hold one digit each
-            "label": torch.as_tensor(second, dtype=item["label"].dtype),
-            "caption": flipped,
-        }
-
-
 class MNIST5kCaptions(Source):
     """The captioned MNIST-5k source (see the module docstring).
 
@@ -198,7 +161,6 @@ class MNIST5kCaptions(Source):
         attribute_prob: probability that an extreme attribute level is named in a caption.
         heldout_phrasings: how many of the six prefixed phrasings are held out (<= 3).
         heldout_combo_fraction: share of the 60 (digit, extreme level) pairs held out.
-        swap_pairs: training batches show each two-digit item in either order (`SwapPairs`).
     """
 
     name = "mnist5k_captions"
@@ -212,7 +174,6 @@ class MNIST5kCaptions(Source):
         attribute_prob: float = 0.6,
         heldout_phrasings: int = 2,
         heldout_combo_fraction: float = 0.1,
-        swap_pairs: bool = False,
     ):
         if image_size != CANVAS:
             raise ValueError(f"data.image_size={image_size}: mnist5k_captions draws 32x32 images")
@@ -226,11 +187,6 @@ class MNIST5kCaptions(Source):
             heldout_phrasings,
             heldout_combo_fraction,
         )
-        self.swap_pairs = bool(swap_pairs)
-
-    def train_view(self, dataset: Dataset) -> Dataset:
-        """What training batches read (ImageDataModule.train_dataloader)."""
-        return SwapPairs(dataset) if self.swap_pairs else dataset
 
     def held_out(self) -> HeldOut:
         """The held-out phrasings and (digit, attribute, level) combinations (seeded)."""

@@ -175,9 +175,6 @@ class ImageDataModule(pl.LightningDataModule):
             (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         )
         dataset = self.train_dataset
-        train_view = getattr(self.source, "train_view", None)  # a source's own augmentation
-        if train_view is not None:
-            dataset = train_view(dataset)
         if self.random_flip or self.crop != "center":
             from ldm.data.folders import Augmented
 

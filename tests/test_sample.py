@@ -259,6 +259,21 @@ def test_cli_writes_samples(checkpoints, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]
 
 
+def test_help_lists_the_groups_sampling_reads_and_only_those(tmp_path):
+    proc = sample_cli("--help", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    groups = proc.stdout.split("== Groups it reads ==")[1].split("== Config ==")[0]
+    lines = {line.split(":")[0]: line for line in groups.splitlines() if ":" in line}
+    conf = Path(__file__).parents[1] / "conf"
+    for group, folder in (("sampler", "sampler"), ("fid@metrics", "fid")):
+        listed = lines[group].split(":", 1)[1].split("(")[0]
+        assert sorted(o.strip() for o in listed.split(",")) == sorted(
+            p.stem for p in (conf / folder).glob("*.yaml")
+        )
+    assert set(lines) == {"sampler", "fid@metrics"}  # not train.py's (experiment, recipe, ...)
+    assert "ckpt: ???" in proc.stdout  # the config with its required key
+
+
 BAD_INPUTS = {
     "missing file": (["ckpt={tmp}/missing.ckpt"], "missing.ckpt"),
     "stage-1 checkpoint": (["ckpt={stage1}"], "is a stage-1 (autoencoder) checkpoint"),

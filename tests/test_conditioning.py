@@ -99,6 +99,25 @@ def test_unet_with_context_dim_uses_the_context_and_checks_it():
         plain(x, t, context=ctx)
 
 
+def test_unet_pooled_vector_conditions_each_sample_and_is_checked():
+    kw = dict(channel_mult=(1, 2), num_res_blocks=1, num_heads=2, norm_num_groups=4)
+    unet = randomized(UNet(4, 4, 8, context_dim=6, pooled_dim=5, **kw))
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 7]), torch.randn(2, 3, 6)
+    pooled = torch.randn(2, 5)
+    out = unet(x, t, context=ctx, pooled=pooled)
+    other = pooled.clone()
+    other[1] = torch.randn(5)
+    moved = unet(x, t, context=ctx, pooled=other)
+    torch.testing.assert_close(moved[0], out[0])  # row 0's pooled unchanged: its output too
+    assert (moved[1] - out[1]).abs().mean() > 1e-2  # row 1 follows its own pooled vector
+    with pytest.raises(ValueError, match="pooled_dim=5 but pooled is None"):
+        unet(x, t, context=ctx)
+    plain = UNet(4, 4, 8, context_dim=6, **kw)
+    assert not any("pooled" in k for k in plain.state_dict())  # older checkpoints' layout
+    with pytest.raises(ValueError, match=r"pooled_dim=None but pooled is \(2, 5\)"):
+        plain(x, t, context=ctx, pooled=pooled)
+
+
 def test_sincos_position_embedding_values_and_what_it_tells_cross_attention():
     pe = sincos_position_2d(2, 3, 8)  # (6, 8): rows (y) in channels 0-3, columns (x) in 4-7
     assert pe.shape == (6, 8)

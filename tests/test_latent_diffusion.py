@@ -140,6 +140,9 @@ def test_bad_settings_raise(tmp_path):
         LatentDiffusion(**{**parts, "image_size": 18})
     with pytest.raises(ValueError, match="cond_drop_prob"):
         LatentDiffusion(**parts, cond_drop_prob=1.5)
+    pooled_unet = UNet(4, 4, 8, [1, 2], 1, [1], 2, norm_num_groups=4, num_classes=10, pooled_dim=3)
+    with pytest.raises(ValueError, match=r"pooled vector of width None but .*pooled_dim=3"):
+        LatentDiffusion(**{**parts, "unet": pooled_unet})
 
 
 # ------------------------------------------------------------------------------ training

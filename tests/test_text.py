@@ -60,6 +60,21 @@ def test_text_conditioner_drops_to_the_empty_caption_and_masks():
     assert not torch.allclose(out["context"][0], empty["context"][0])
 
 
+def test_pooled_caption_vector_is_the_bos_output_and_knows_word_order():
+    torch.manual_seed(0)
+    vocab = train_vocab(["a 3 left of a 7", "a thin 3"])
+    cond = TextConditioner(vocab, max_length=8, dim=8, depth=1, num_heads=2, pooled=True)
+    assert cond.pooled_dim == 8
+    captions = ["a 3 left of a 7", "a 7 left of a 3", "a thin 3"]
+    out = cond({"caption": captions}, drop=torch.tensor([False, False, True]))
+    torch.testing.assert_close(out["pooled"], out["context"][:, 0])  # (B, D): [BOS]
+    empty = cond.unconditional(1, "cpu")["pooled"][0]
+    torch.testing.assert_close(out["pooled"][2], empty)  # dropped row: the null condition
+    # same words, other order: the position embeddings make the pooled vectors differ
+    assert (out["pooled"][0] - out["pooled"][1]).abs().max() > 1e-4
+    assert "pooled" not in TextConditioner(vocab, 8, dim=8, depth=1, num_heads=2).encode(["a 3"])
+
+
 # ------------------------------------------------------------------------------ captioned data
 @pytest.fixture(scope="module")
 def captioned():

@@ -142,6 +142,13 @@ class LatentDiffusion(pl.LightningModule):
                 f"the conditioner makes a context of width {context_dim} but "
                 f"model.diffusion.unet.context_dim={getattr(unet, 'context_dim', None)}"
             )
+        pooled_dim = getattr(conditioner, "pooled_dim", None)
+        if pooled_dim != getattr(unet, "pooled_dim", None):
+            raise ValueError(
+                f"the conditioner makes a pooled vector of width {pooled_dim} but "
+                f"model.diffusion.unet.pooled_dim={getattr(unet, 'pooled_dim', None)}: set "
+                "both (conditioner.pooled=true with unet.pooled_dim=conditioner.dim) or neither"
+            )
         self.unet = unet
         self.conditioner = conditioner
         self.autoencoder = autoencoder

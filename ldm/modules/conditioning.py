@@ -11,10 +11,12 @@ The one interface shared by every kind of conditioning (config group `conditioni
     conditioner.unconditional(n, device) -> the null condition's UNet kwargs for n samples.
     conditioner.input_key: the batch entry it reads (named in errors when the batch lacks it).
     conditioner.context_dim: width D of the cross-attention context it produces, or None.
+    conditioner.pooled_dim: width of the pooled vector it produces, or None.
 
 UNet keyword arguments a conditioner may produce: `class_labels` (B,) (class embedding added to the
 time embedding), `context` (B, L, D) with `context_mask` (B, L) bool, True = real token
-(cross-attention, Rombach et al. 2022 Sec. 3.3). Outputs of one conditioner have the same shapes for
+(cross-attention, Rombach et al. 2022 Sec. 3.3), `pooled` (B, P) (a caption in one vector, added
+to the time embedding). Outputs of one conditioner have the same shapes for
 any batch of the same size, so the sampler can batch the conditional and unconditional halves.
 """
 
@@ -31,6 +33,7 @@ class Conditioner(nn.Module):
 
     input_key: str = ""
     context_dim: int | None = None
+    pooled_dim: int | None = None
 
     def unconditional(self, num: int, device: torch.device | str) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -157,6 +157,7 @@ class HybridConditioner(Conditioner):
         self.input_key = concat.input_key  # the image is required; the context is optional
         self.context_key = context.input_key
         self.context_dim = getattr(context, "context_dim", None)
+        self.pooled_dim = getattr(context, "pooled_dim", None)
         self.concat_channels = concat.concat_channels
         self.task = concat.task
 

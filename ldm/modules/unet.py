@@ -75,6 +75,10 @@ class UNet(nn.Module):
         transformer_depth: transformer blocks per SpatialTransformer.
         position_embedding: SpatialTransformers add a fixed 2-D sine-cosine position embedding to
             their image tokens (captions that place things; no parameters, same weights layout).
+        pooled_dim: width of a pooled condition vector (forward's `pooled`, (B, pooled_dim): a
+            whole caption in one vector) projected and added to the time embedding, so every
+            ResBlock sees it (as Imagen and SDXL add a pooled text embedding); None: none (the
+            layout of every older checkpoint).
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class UNet(nn.Module):
         transformer_depth: int = 1,
         concat_channels: int | Sequence[int] = 0,
         position_embedding: bool = False,
+        pooled_dim: int | None = None,
     ):
         super().__init__()
         channel_mult, attention_levels = list(channel_mult), list(attention_levels)
@@ -123,7 +128,7 @@ class UNet(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.concat_channels = concat_channels
         self.model_channels, self.num_classes = model_channels, num_classes
-        self.context_dim = context_dim
+        self.context_dim, self.pooled_dim = context_dim, pooled_dim
         self.num_levels = len(channel_mult)
         self.gradient_checkpointing = gradient_checkpointing
         emb_dim = 4 * model_channels
@@ -141,6 +146,7 @@ class UNet(nn.Module):
         )
         # Row `num_classes` is the learned null (unconditional) embedding for CFG.
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.pooled_embed = nn.Linear(pooled_dim, emb_dim) if pooled_dim else None
 
         self.conv_in = nn.Conv2d(in_channels + concat_channels, model_channels, 3, padding=1)
         self.down = nn.ModuleList()
@@ -228,6 +234,7 @@ class UNet(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         concat: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, C, H, W), t LongTensor (B,) -> prediction (B, C_out, H, W).
 
@@ -235,7 +242,7 @@ class UNet(nn.Module):
         null. `context` (B, L, context_dim) and `context_mask` (B, L) bool (True = real token,
         None = all real): the cross-attention condition, required when `context_dim` is set.
         `concat` (B, concat_channels, H, W): the spatially aligned condition (required exactly when
-        concat_channels > 0).
+        concat_channels > 0). `pooled` (B, pooled_dim): required exactly when pooled_dim is set.
         """
         stride = 2 ** (self.num_levels - 1)
         if x.shape[-1] % stride or x.shape[-2] % stride:
@@ -246,6 +253,13 @@ class UNet(nn.Module):
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t has shape {tuple(t.shape)}; expected ({x.shape[0]},)")
         emb = self.embed(t, class_labels)  # (B, E)
+        if (pooled is None) != (self.pooled_embed is None):
+            raise ValueError(
+                f"the UNet has pooled_dim={self.pooled_dim} but pooled is "
+                f"{'None' if pooled is None else tuple(pooled.shape)}"
+            )
+        if pooled is not None:
+            emb = emb + self.pooled_embed(pooled)  # (B, E)
         if (context is None) != (self.context_dim is None):
             raise ValueError(
                 f"the UNet has context_dim={self.context_dim} but context is "

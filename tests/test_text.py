@@ -75,6 +75,29 @@ def test_pooled_caption_vector_is_the_bos_output_and_knows_word_order():
     assert "pooled" not in TextConditioner(vocab, 8, dim=8, depth=1, num_heads=2).encode(["a 3"])
 
 
+def test_word_order_is_as_visible_to_the_untrained_encoder_as_word_identity():
+    """The token "1" of "a 1 left of a 4" and of "a 4 left of a 1" (positions 2 and 6): with
+    position embeddings on the token embeddings' scale (the default) the encoder's outputs there
+    differ from the start; at 0.02 they are the same vector, and a jointly trained model then
+    draws both captions alike (README "Text-to-image")."""
+    captions = ["a 1 left of a 4", "a 4 left of a 1"]
+    vocab = train_vocab(captions)
+
+    def cosines(**kwargs) -> list[float]:
+        out = []
+        for seed in range(5):
+            torch.manual_seed(seed)
+            enc = TextConditioner(vocab, max_length=16, dim=64, depth=2, num_heads=4, **kwargs)
+            h = enc.eval().encode(captions)["context"]  # (2, 16, 64)
+            out.append(torch.nn.functional.cosine_similarity(h[0, 2], h[1, 6], dim=0).item())
+        return out
+
+    assert max(cosines()) < 0.9
+    assert min(cosines(position_init_std=0.02)) > 0.99
+    with pytest.raises(ValueError, match="position_init_std=-1"):
+        TextConditioner(vocab, position_init_std=-1)
+
+
 # ------------------------------------------------------------------------------ captioned data
 @pytest.fixture(scope="module")
 def captioned():
@@ -107,10 +130,12 @@ def test_captions_hold_out_phrasings_and_combinations(captioned):
                 assert not any(w in captioned.captions[i] for w in words)
     pairs = captioned.second >= 0
     assert 0.15 < pairs.float().mean() < 0.25
-    assert all(
-        " left of " in c or " right of " in c
-        for c in (captioned.captions[i] for i in torch.nonzero(pairs).flatten()[:50])
-    )
+    composed = [captioned.captions[i] for i in torch.nonzero(pairs).flatten()]
+    assert all(" left of " in c or " right of " in c for c in composed)
+    left_of = sum(" left of " in c for c in composed) / len(composed)  # left_of_prob = 0.75
+    assert 0.7 < left_of < 0.8, left_of
+    with pytest.raises(ValueError, match="left_of_prob=1.5"):
+        MNIST5kCaptions(left_of_prob=1.5)
 
 
 def test_measured_attributes_follow_the_augmentation(captioned):
@@ -346,12 +371,23 @@ def test_composition_scores_tell_the_right_order_from_the_swapped_one():
         image[:, 8:24, 16 : 17 + right] = 1.0
         return image
 
-    prompts = [Prompt("a 1 left of a 4", "composition", 1, second=4)]
-    # 2 samples in the asked order, 1 swapped, 1 with a wrong digit
-    images = torch.stack([pair(1, 4), pair(1, 4), pair(4, 1), pair(1, 5)])
+    prompts = [
+        Prompt("a 1 left of a 4", "composition", 1, second=4),
+        Prompt("a 6 right of a 2", "composition", 2, second=6),
+    ]
+    # "left of": 2 samples in the asked order, 1 swapped, 1 with a wrong digit; "right of": the
+    # first-named digit drawn on the left (swapped) 3 times, once in the asked order
+    images = torch.stack(
+        [pair(1, 4), pair(1, 4), pair(4, 1), pair(1, 5), pair(6, 2), pair(6, 2), pair(6, 2)]
+        + [pair(2, 6)]
+    )
     out = score(prompts, images, 4, InkClassifier(), torch.zeros(3, 2))
-    assert out["composition/both_digits_acc"] == 0.5
-    assert out["composition/swapped_order_acc"] == 0.25
+    assert out["composition/both_digits_acc"] == 3 / 8
+    assert out["composition/swapped_order_acc"] == 4 / 8
+    assert out["composition/left_of/both_digits_acc"] == 0.5
+    assert out["composition/left_of/swapped_order_acc"] == 0.25
+    assert out["composition/right_of/both_digits_acc"] == 0.25
+    assert out["composition/right_of/swapped_order_acc"] == 0.75
 
 
 # ------------------------------------------------------------------------------ own captions

@@ -143,6 +143,15 @@ def score(
             # both named digits, wrong order: "ignores left/right", not "wrong digits"
             swapped = (read_left == second[m]) & (read_right == digit[m])
             out[f"{g}/swapped_order_acc"] = swapped.float().mean().item()
+            # per relation word: a model that draws the first-named digit on the left scores
+            # high on "left of" prompts and swapped on "right of" ones
+            right_of = torch.tensor([" right of " in p.text for p in prompts]).repeat_interleave(
+                per_prompt
+            )[m]
+            for name, r in (("left_of", ~right_of), ("right_of", right_of)):
+                if r.any():
+                    out[f"{g}/{name}/both_digits_acc"] = both[r].float().mean().item()
+                    out[f"{g}/{name}/swapped_order_acc"] = swapped[r].float().mean().item()
             continue
         out[f"{g}/digit_acc"] = (pred[m] == digit[m]).float().mean().item()
         if g in ("seen_attribute", "heldout_combo"):
@@ -206,6 +215,8 @@ def summary_line(result: dict[str, Any]) -> str:
         ("heldout_combo/attribute_acc", "attribute held-out combo"),
         ("composition/both_digits_acc", "two digits"),
         ("composition/swapped_order_acc", "two digits swapped"),
+        ("composition/left_of/both_digits_acc", "two digits 'left of'"),
+        ("composition/right_of/both_digits_acc", "two digits 'right of'"),
         ("shuffled/digit_acc", "shuffled digit"),
         ("shuffled/attribute_acc", "shuffled attribute"),
     ]

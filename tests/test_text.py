@@ -134,7 +134,7 @@ def test_captions_hold_out_phrasings_and_combinations(captioned):
     assert all(" left of " in c or " right of " in c for c in composed)
     left_of = sum(" left of " in c for c in composed) / len(composed)  # left_of_prob = 0.75
     assert 0.7 < left_of < 0.8, left_of
-    with pytest.raises(ValueError, match="left_of_prob=1.5"):
+    with pytest.raises(ValueError, match=r"left_of_prob=1\.5"):
         MNIST5kCaptions(left_of_prob=1.5)
 
 
@@ -377,10 +377,9 @@ def test_composition_scores_tell_the_right_order_from_the_swapped_one():
     ]
     # "left of": 2 samples in the asked order, 1 swapped, 1 with a wrong digit; "right of": the
     # first-named digit drawn on the left (swapped) 3 times, once in the asked order
-    images = torch.stack(
-        [pair(1, 4), pair(1, 4), pair(4, 1), pair(1, 5), pair(6, 2), pair(6, 2), pair(6, 2)]
-        + [pair(2, 6)]
-    )
+    left_of = [pair(1, 4), pair(1, 4), pair(4, 1), pair(1, 5)]
+    right_of = [pair(6, 2), pair(6, 2), pair(6, 2), pair(2, 6)]
+    images = torch.stack([*left_of, *right_of])
     out = score(prompts, images, 4, InkClassifier(), torch.zeros(3, 2))
     assert out["composition/both_digits_acc"] == 3 / 8
     assert out["composition/swapped_order_acc"] == 4 / 8

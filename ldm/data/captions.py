@@ -165,7 +165,7 @@ class MNIST5kCaptions(Source):
             1/2: with an even mix, neither the digits' word order nor the relation word tells
             the layout alone (only the two together, an XOR), and a jointly trained model stays
             at a coin flip on the order; at 3/4 it learns "first named goes left" first, then
-            the exception (README "Text-to-image": both phrasings then followed, 1.00 / 0.98).
+            the exception (README "Text-to-image": both phrasings then followed, 0.94 / 0.98).
     """
 
     name = "mnist5k_captions"

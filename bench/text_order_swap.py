@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=32, help="samples per prompt")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = load_latent_diffusion(args.ckpt)

@@ -121,6 +121,7 @@ def score(
     second = torch.tensor([p.second for p in prompts]).repeat_interleave(per_prompt)
     attribute = torch.tensor([p.attribute for p in prompts]).repeat_interleave(per_prompt)
     level = torch.tensor([p.level for p in prompts]).repeat_interleave(per_prompt)
+    right_of = torch.tensor([" right of " in p.text for p in prompts]).repeat_interleave(per_prompt)
     pred = predict_digits(classifier, images)
     levels = to_levels(measure_attributes(images), thresholds)  # (N, 3)
     measured = levels.gather(1, attribute.clamp(min=0)[:, None])[:, 0]
@@ -145,10 +146,7 @@ def score(
             out[f"{g}/swapped_order_acc"] = swapped.float().mean().item()
             # per relation word: a model that draws the first-named digit on the left scores
             # high on "left of" prompts and swapped on "right of" ones
-            right_of = torch.tensor([" right of " in p.text for p in prompts]).repeat_interleave(
-                per_prompt
-            )[m]
-            for name, r in (("left_of", ~right_of), ("right_of", right_of)):
+            for name, r in (("left_of", ~right_of[m]), ("right_of", right_of[m])):
                 if r.any():
                     out[f"{g}/{name}/both_digits_acc"] = both[r].float().mean().item()
                     out[f"{g}/{name}/swapped_order_acc"] = swapped[r].float().mean().item()

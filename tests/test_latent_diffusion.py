@@ -475,20 +475,35 @@ def run_ema(weights: list[torch.Tensor], **kwargs) -> torch.Tensor:
     return averaged.module.weight.detach().view(-1)
 
 
-def test_ema_warmup_matches_the_closed_form_recursion():
-    """e_1 = w_1, e_n = d_n e_{n-1} + (1 - d_n) w_n with d_n = min(decay, (1 + n') / (10 + n'))
-    for the n' = n - 1-th update (LitEma / diffusers EMAModel warm-up)."""
+@pytest.mark.parametrize("gamma", [8.0, 2.0])
+def test_ema_warmup_matches_the_closed_form_recursion(gamma):
+    """e_1 = w_1, e_n = d_n e_{n-1} + (1 - d_n) w_n with d_n = min(decay, (1 + n') /
+    (gamma + 2 + n')) for the n' = n - 1-th update (gamma 8: LitEma / diffusers EMAModel)."""
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(5, generator=g, dtype=torch.float64).float() for _ in range(40)]
     expected = weights[0].double()
     for n, w in enumerate(weights[1:], start=1):
-        d = min(0.95, (1 + n) / (10 + n))
+        d = min(0.95, (1 + n) / (gamma + 2 + n))
         expected = d * expected + (1 - d) * w.double()
-    torch.testing.assert_close(run_ema(weights, decay=0.95).double(), expected, rtol=0, atol=1e-6)
+    got = run_ema(weights, decay=0.95, gamma=gamma).double()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert (
         float(ema_decay_at(8990, 0.999)) == pytest.approx(0.999)
         and float(ema_decay_at(100, 0.999)) < 0.92
     )
+
+
+@pytest.mark.parametrize("gamma", [8.0, 3.0, 1.0])
+def test_ema_gamma_weighs_step_k_as_k_to_the_gamma(gamma):
+    """Before `decay` caps it, the warm-up EMA is a power-function average (Karras et al. 2024):
+    of weights w_k = k, k = 0..N, it returns the mean of k under density ~k^gamma on [0, N],
+    N (gamma + 1) / (gamma + 2): 0.9 N for LitEma's gamma 8, 2/3 N for gamma 1."""
+    n = 2000
+    weights = [torch.full((1,), float(k)) for k in range(n + 1)]
+    got = float(run_ema(weights, decay=1.0, gamma=gamma))
+    assert got / n == pytest.approx((gamma + 1) / (gamma + 2), abs=0.005)
+    with pytest.raises(ValueError, match="gamma must be >= 0, got -1"):
+        get_ema_warmup_multi_avg_fn(gamma=-1.0)
 
 
 def test_ema_without_warmup_equals_torchs_ema():

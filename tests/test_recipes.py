@@ -19,7 +19,7 @@ from tests.test_latent_diffusion import make_autoencoder, make_model, tiny_cfg
 # variant -> the config leaves it may change (a prefix covers the leaves under it)
 CHANGES = {
     "default": set(),
-    "v_prediction": {"schedule.prediction_type", "model.diffusion.schedule.prediction_type"},
+    "eps_prediction": {"schedule.prediction_type", "model.diffusion.schedule.prediction_type"},
     "uniform_loss": {"model.diffusion.loss_weighting"},
     "cosine_lr": {"model.diffusion.lr_scheduler.schedulers.1"},
 }

@@ -20,13 +20,13 @@ from tests.train_cli import train_cli
 
 # (overrides, {stage: (max_epochs, max_steps, batch_size, accumulate_grad_batches)})
 DOCUMENTED = [
-    ([], {"autoencoder": (4, -1, 32, 1), "diffusion": (25, -1, 64, 1)}),
-    (["trainer.max_epochs=2"], {"autoencoder": (2, -1, 32, 1), "diffusion": (2, -1, 64, 1)}),
-    (["trainer.max_steps=7"], {"autoencoder": (-1, 7, 32, 1), "diffusion": (-1, 7, 64, 1)}),
-    (["data.batch_size=8"], {"autoencoder": (4, -1, 8, 1), "diffusion": (25, -1, 8, 1)}),
+    ([], {"autoencoder": (3, -1, 16, 1), "diffusion": (25, -1, 64, 1)}),
+    (["trainer.max_epochs=2"], {"autoencoder": (2, -1, 16, 1), "diffusion": (2, -1, 64, 1)}),
+    (["trainer.max_steps=7"], {"autoencoder": (-1, 7, 16, 1), "diffusion": (-1, 7, 64, 1)}),
+    (["data.batch_size=8"], {"autoencoder": (3, -1, 8, 1), "diffusion": (25, -1, 8, 1)}),
     (
         ["diffusion.trainer.max_epochs=3", "autoencoder.data.batch_size=12"],
-        {"autoencoder": (4, -1, 12, 1), "diffusion": (3, -1, 64, 1)},
+        {"autoencoder": (3, -1, 12, 1), "diffusion": (3, -1, 64, 1)},
     ),
     (
         ["trainer.max_epochs=2", "diffusion.trainer.max_epochs=5", "data.batch_size=8"],
@@ -34,12 +34,12 @@ DOCUMENTED = [
     ),
     (
         ["diffusion.trainer.max_steps=30", "+diffusion.trainer.accumulate_grad_batches=2"],
-        {"autoencoder": (4, -1, 32, 1), "diffusion": (-1, 30, 64, 2)},
+        {"autoencoder": (3, -1, 16, 1), "diffusion": (-1, 30, 64, 2)},
     ),
     (["debug=fast"], {"autoencoder": (1, -1, 16, 1), "diffusion": (1, -1, 16, 1)}),
     (
         ["diffusion.default_max_epochs=40", "autoencoder.default_batch_size=8"],
-        {"autoencoder": (4, -1, 8, 1), "diffusion": (40, -1, 64, 1)},
+        {"autoencoder": (3, -1, 8, 1), "diffusion": (40, -1, 64, 1)},
     ),
     (
         ["debug=fast", "trainer.max_epochs=3", "data.batch_size=4"],

@@ -61,13 +61,16 @@ def main() -> None:
         _, classifier = build_extractor(
             "classifier", datamodule, stored.paths.cache_dir, verbose=False
         )
-        for split, dataset in (("val", datamodule.val_dataset), ("train", datamodule.train_dataset)):
+        run = Path(path).parent.parent.parent.name  # <run dir>/checkpoints/autoencoder/x.ckpt
+        splits = (("val", datamodule.val_dataset), ("train", datamodule.train_dataset))
+        for split, dataset in splits:
             images, labels = images_and_labels(dataset)
             rec = round_trip(autoencoder, images)
+            mse = ((rec - images) ** 2).mean()
             print(
-                f"{Path(path).parent.parent.parent.name} {split} (N={len(labels)}): real read right "
+                f"{run} {split} (N={len(labels)}): real read right "
                 f"{read_right(classifier, images, labels):.3f}, reconstructions "
-                f"{read_right(classifier, rec, labels):.3f}, MSE {((rec - images) ** 2).mean():.4f}"
+                f"{read_right(classifier, rec, labels):.3f}, MSE {mse:.4f}"
             )
 
 

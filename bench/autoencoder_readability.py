@@ -19,23 +19,10 @@ from omegaconf import OmegaConf
 
 from ldm.config import stage_section
 from ldm.metrics.fid import build_extractor
+from ldm.metrics.train_classifier import accuracy, collect_images
 from ldm.models.loading import autoencoder_from_checkpoint
 from ldm.utils.checkpoint import load_checkpoint
 from ldm.utils.instantiate import safe_instantiate
-
-
-def images_and_labels(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[i] for i in range(len(dataset))]
-    images = torch.stack([item["image"] for item in items])  # (N, C, H, W) in [-1, 1]
-    return images, torch.tensor([int(item["label"]) for item in items])  # (N,)
-
-
-@torch.no_grad()
-def read_right(classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
-    logits = torch.cat(
-        [classifier.logits((x + 1.0) / 2.0) for x in images.split(500)]
-    )  # (N, num_classes)
-    return (logits.argmax(1) == labels).float().mean().item()
 
 
 @torch.no_grad()
@@ -64,13 +51,15 @@ def main() -> None:
         run = Path(path).parent.parent.parent.name  # <run dir>/checkpoints/autoencoder/x.ckpt
         splits = (("val", datamodule.val_dataset), ("train", datamodule.train_dataset))
         for split, dataset in splits:
-            images, labels = images_and_labels(dataset)
+            images, labels = collect_images(dataset)
             rec = round_trip(autoencoder, images)
             mse = ((rec - images) ** 2).mean()
+            # the same accuracy as the classifier's own held-out score (images in [-1, 1])
+            judge = classifier.classifier
             print(
                 f"{run} {split} (N={len(labels)}): real read right "
-                f"{read_right(classifier, images, labels):.3f}, reconstructions "
-                f"{read_right(classifier, rec, labels):.3f}, MSE {mse:.4f}"
+                f"{accuracy(judge, images, labels):.3f}, reconstructions "
+                f"{accuracy(judge, rec, labels):.3f}, MSE {mse:.4f}"
             )
 
 

@@ -373,7 +373,7 @@ def test_composition_scores_tell_the_right_order_from_the_swapped_one():
 
     prompts = [
         Prompt("a 1 left of a 4", "composition", 1, second=4),
-        Prompt("a 6 right of a 2", "composition", 2, second=6),
+        Prompt("a 6 right of a 2", "composition", 2, second=6, right_of=True),
     ]
     # "left of": 2 samples in the asked order, 1 swapped, 1 with a wrong digit; "right of": the
     # first-named digit drawn on the left (swapped) 3 times, once in the asked order

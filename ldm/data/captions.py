@@ -63,6 +63,11 @@ def phrase(digit: int, phrasing: tuple[str, str], adjectives: list[str], slant: 
     return " ".join(w for w in words if w)
 
 
+def composition(left: str, right: str, right_of: bool) -> str:
+    """The caption of `left` drawn left of `right`: "A left of B", or "B right of A"."""
+    return f"{right} right of {left}" if right_of else f"{left} left of {right}"
+
+
 def level_word(attribute: str, level: int, synonym: int = 0) -> str | None:
     if level == 1:
         return None
@@ -244,9 +249,7 @@ class MNIST5kCaptions(Source):
                 e = int(second[i])
                 a = phrase(d, rng.choice(held.train_phrasings), [], None)
                 b = phrase(e, rng.choice(held.train_phrasings), [], None)
-                captions.append(
-                    f"{a} left of {b}" if rng.random() < self.left_of_prob else f"{b} right of {a}"
-                )
+                captions.append(composition(a, b, right_of=rng.random() >= self.left_of_prob))
                 continue
             named = {}
             for j, attr in enumerate(ATTRIBUTES):

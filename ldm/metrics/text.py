@@ -29,6 +29,7 @@ from ldm.data.captions import (
     CANVAS,
     LEVEL_WORDS,
     HeldOut,
+    composition,
     measure_attributes,
     phrase,
     to_levels,
@@ -45,6 +46,7 @@ class Prompt:
     second: int = -1  # right digit of a composition
     attribute: int = -1  # index into ATTRIBUTES
     level: int = -1  # 0 or 2
+    right_of: bool = False  # a composition phrased "B right of A"
 
 
 def attribute_prompt(digit: int, attribute: str, level: int, phrasing: tuple[str, str]) -> str:
@@ -76,8 +78,10 @@ def evaluation_prompts(
     pairs = [(a, b) for a in range(10) for b in range(10) if a != b]
     for a, b in rng.sample(pairs, 20):
         pa, pb = phrase(a, rng.choice(train), [], None), phrase(b, rng.choice(train), [], None)
-        text = f"{pa} left of {pb}" if rng.random() < 0.5 else f"{pb} right of {pa}"
-        prompts.append(Prompt(text, "composition", a, second=b))
+        right_of = rng.random() >= 0.5
+        prompts.append(
+            Prompt(composition(pa, pb, right_of), "composition", a, second=b, right_of=right_of)
+        )
     return prompts
 
 
@@ -121,7 +125,7 @@ def score(
     second = torch.tensor([p.second for p in prompts]).repeat_interleave(per_prompt)
     attribute = torch.tensor([p.attribute for p in prompts]).repeat_interleave(per_prompt)
     level = torch.tensor([p.level for p in prompts]).repeat_interleave(per_prompt)
-    right_of = torch.tensor([" right of " in p.text for p in prompts]).repeat_interleave(per_prompt)
+    right_of = torch.tensor([p.right_of for p in prompts]).repeat_interleave(per_prompt)
     pred = predict_digits(classifier, images)
     levels = to_levels(measure_attributes(images), thresholds)  # (N, 3)
     measured = levels.gather(1, attribute.clamp(min=0)[:, None])[:, 0]

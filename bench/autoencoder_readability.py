@@ -48,14 +48,13 @@ def main() -> None:
         _, classifier = build_extractor(
             "classifier", datamodule, stored.paths.cache_dir, verbose=False
         )
+        judge = classifier.classifier  # scored with its own held-out accuracy (images in [-1, 1])
         run = Path(path).parent.parent.parent.name  # <run dir>/checkpoints/autoencoder/x.ckpt
         splits = (("val", datamodule.val_dataset), ("train", datamodule.train_dataset))
         for split, dataset in splits:
             images, labels = collect_images(dataset)
             rec = round_trip(autoencoder, images)
             mse = ((rec - images) ** 2).mean()
-            # the same accuracy as the classifier's own held-out score (images in [-1, 1])
-            judge = classifier.classifier
             print(
                 f"{run} {split} (N={len(labels)}): real read right "
                 f"{accuracy(judge, images, labels):.3f}, reconstructions "
